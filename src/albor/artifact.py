@@ -1,0 +1,166 @@
+"""Artifact directories: hashing, atomic writes, and the `manifest.json` every stage output carries.
+
+A manifest records the stage, the resolved config, the inputs (path + digest), the outputs
+(path + sha256 + size), counts (in / kept / rejected by reason), metrics, versions and wall time.
+An artifact's *digest* is the sha256 of its outputs list: downstream fingerprints use it, so a
+changed upstream output re-runs everything below it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from albor.errors import ArtifactError
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def canonical_json(data: Any) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so a reader sees the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling path to write to; it replaces `path` only if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def list_files(root: Path) -> list[Path]:
+    """Every regular file under `root` (sorted, relative), except the manifest and hidden files."""
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith(".") or (dirpath == str(root) and name == MANIFEST):
+                continue
+            files.append(Path(dirpath, name).relative_to(root))
+    return files
+
+
+def describe_outputs(root: Path) -> list[dict[str, Any]]:
+    return [
+        {
+            "path": rel.as_posix(),
+            "sha256": sha256_file(root / rel),
+            "bytes": (root / rel).stat().st_size,
+        }
+        for rel in list_files(root)
+    ]
+
+
+def outputs_digest(outputs: list[dict[str, Any]]) -> str:
+    return sha256_bytes(canonical_json([[o["path"], o["sha256"]] for o in outputs]).encode())
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """The manifest of an artifact directory; ArtifactError if it is missing or unreadable."""
+    path = directory / MANIFEST
+    if not directory.exists():
+        raise ArtifactError(
+            f"{directory}: artifact directory not found (run the stage that makes it)"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ArtifactError(
+            f"{directory}: no {MANIFEST}, so this is not a finished albor artifact "
+            "(run the stage that makes it, or re-run it if it was interrupted)"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path}: unreadable manifest: {e}") from e
+    if not isinstance(data, dict) or "stage" not in data or "outputs" not in data:
+        raise ArtifactError(f"{path}: not an albor manifest (no 'stage' or 'outputs')")
+    return data
+
+
+def require_artifact(directory: Path, stage: str | tuple[str, ...]) -> dict[str, Any]:
+    """Read the manifest and check the artifact was made by (one of) the expected stage type(s)."""
+    manifest = read_manifest(directory)
+    wanted = (stage,) if isinstance(stage, str) else stage
+    if manifest["stage"] not in wanted:
+        raise ArtifactError(
+            f"{directory}: made by stage '{manifest['stage']}', expected {' or '.join(wanted)} "
+            "(point the input at the right artifact directory)"
+        )
+    return manifest
+
+
+def artifact_digest(directory: Path) -> str:
+    """The digest of a finished artifact: recorded in its manifest, recomputed if absent."""
+    manifest = read_manifest(directory)
+    digest = manifest.get("digest")
+    return str(digest) if digest else outputs_digest(manifest["outputs"])
+
+
+def outputs_present(directory: Path, manifest: dict[str, Any]) -> bool:
+    """True when every output the manifest lists exists with the recorded size (a cheap check)."""
+    for out in manifest.get("outputs", []):
+        p = directory / out["path"]
+        try:
+            if p.stat().st_size != out["bytes"]:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def verify_outputs(directory: Path, manifest: dict[str, Any]) -> list[str]:
+    """Re-hash every output; return the paths whose content drifted from the manifest."""
+    drift = []
+    for out in manifest.get("outputs", []):
+        p = directory / out["path"]
+        if not p.is_file() or sha256_file(p) != out["sha256"]:
+            drift.append(out["path"])
+    return drift

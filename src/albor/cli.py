@@ -1,0 +1,480 @@
+"""The `albor` command: the verb table; the only place that prints or exits.
+
+    albor STAGE plan CONFIG [--set key=value ...] [--json]
+    albor STAGE apply CONFIG [--set key=value ...] [--force] [--json]
+    albor pipeline plan|apply|status [MANIFEST] [--only S] [--from S] [--force] [--json]
+    albor complete CHECKPOINT "prefix"
+    albor recipes
+
+Exit codes: 0 valid / done, 1 invalid plan or failed apply, 2 usage or config error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any, NoReturn
+
+import click
+from rich.console import Console
+
+from albor import __version__, progress
+from albor.config import load_config, read_yaml
+from albor.errors import AlborError, ConfigError, PlanFailed
+from albor.plan import Plan
+from albor.stage import DESCRIPTIONS, REGISTRY, PlanContext, StageConfig, load_stage, run_stage
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+ALIASES = {"train": "pretrain"}
+SET_HELP = (
+    "Override a config value, KEY=VALUE with a dotted key (repeatable), e.g. --set max_steps=100."
+)
+
+
+class Exit(Exception):
+    """Leave with this code after the message has been shown."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+# ----- stage commands -------------------------------------------------------------------------
+
+
+def resolve_stage_config(
+    kind: str, config: str, overrides: tuple[str, ...], stage_name: str | None
+) -> tuple[ModuleType, StageConfig, str, PlanContext]:
+    """A stage config from a stage YAML, or from a pipeline manifest (the stage of that type)."""
+    from albor.pipeline import load_pipeline, resolve_path
+
+    module = load_stage(kind)
+    path = resolve_path(config)
+    data = read_yaml(path)
+    if "stages" not in data:
+        if stage_name:
+            raise ConfigError(f"--stage {stage_name}: {path} is a stage config, not a pipeline")
+        return module, load_config(module.Config, path, overrides), kind, PlanContext()
+    candidates = [
+        n for n, s in data["stages"].items() if isinstance(s, dict) and s.get("uses") == kind
+    ]
+    if stage_name:
+        if stage_name not in candidates:
+            raise ConfigError(
+                f"{path}: no stage '{stage_name}' of type {kind} (found: {candidates})"
+            )
+        name = stage_name
+    elif len(candidates) == 1:
+        name = candidates[0]
+    else:
+        found = ", ".join(candidates) or "none"
+        raise ConfigError(
+            f"{path}: pick the {kind} stage with --stage NAME (stages of that type: {found})"
+        )
+    pipe = load_pipeline(path, tuple(f"{name}.{o}" for o in overrides))
+    node = pipe.nodes[name]
+    from albor.stage import state_of
+
+    pending = {}
+    for field_name, up in node.upstream.items():
+        upnode = pipe.nodes[up]
+        if not state_of(upnode.module, upnode.config).up_to_date:
+            pending[field_name] = up
+    return module, node.config, name, PlanContext(pending=pending)
+
+
+def stage_group(kind: str) -> click.Group:
+    target = ALIASES.get(kind, kind)
+    help_text = DESCRIPTIONS[target] + (f" (alias of `{target}`)" if target != kind else "")
+
+    @click.group(name=kind, help=help_text, short_help=help_text)
+    def group() -> None:
+        pass
+
+    config_arg = click.argument("config", metavar="CONFIG")
+    common = [
+        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP),
+        click.option(
+            "--stage", "stage_name", help="With a pipeline manifest: which stage of this type."
+        ),
+        click.option(
+            "--json", "as_json", is_flag=True, help="Print one JSON object instead of text."
+        ),
+    ]
+
+    def decorate(f: Any) -> Any:
+        for opt in reversed(common):
+            f = opt(f)
+        return config_arg(f)
+
+    epilog = (
+        "CONFIG is a YAML file of this stage's keys, a pipeline manifest (the stage of this "
+        "type is "
+        "used), or the name of a packaged recipe (`albor recipes`). "
+        f"Keys: `albor {kind} keys`."
+    )
+
+    @group.command(name="plan", epilog=epilog)
+    @decorate
+    def plan_cmd(
+        config: str, overrides: tuple[str, ...], stage_name: str | None, as_json: bool
+    ) -> None:
+        """Validate CONFIG and estimate what apply would do; writes nothing.
+
+        Exit 0 when the plan is valid, 1 when a check fails, 2 on a config error."""
+        module, cfg, name, ctx = resolve_stage_config(target, config, overrides, stage_name)
+        plan: Plan = module.plan(cfg, ctx)
+        if as_json:
+            emit_json(plan.to_json())
+        else:
+            from albor.render import plan_view
+
+            out.print(plan_view(plan, name if name == target else f"{name} ({target})"))
+        if not plan.ok:
+            raise Exit(1)
+
+    @group.command(name="apply", epilog=epilog)
+    @decorate
+    @click.option("--force", is_flag=True, help="Run even when the output is up to date.")
+    def apply_cmd(
+        config: str, overrides: tuple[str, ...], stage_name: str | None, as_json: bool, force: bool
+    ) -> None:
+        """Run the stage: check its plan, do the work, write its artifact atomically.
+
+        Does nothing and says "up to date" when the config and inputs are unchanged."""
+        module, cfg, name, _ = resolve_stage_config(target, config, overrides, stage_name)
+        if as_json:
+            progress.quiet()
+        result = run_stage(module, cfg, name=name, force=force)
+        if as_json:
+            emit_json(
+                {
+                    "stage": name,
+                    "status": result.status,
+                    "output": str(result.output),
+                    "manifest": result.manifest,
+                }
+            )
+            return
+        if result.status == "up to date":
+            out.print(f"{name}: up to date ({result.output})")
+        else:
+            wall = result.manifest.get("wall_time_s", 0)
+            out.print(f"{name}: done in {wall:.1f}s -> {result.output}")
+            if result.manifest.get("summary"):
+                out.print(f"  {result.manifest['summary']}")
+
+    @group.command(name="keys")
+    def keys_cmd() -> None:
+        """List this stage's config keys with their defaults and descriptions."""
+        module = load_stage(target)
+        for key, field in module.Config.model_fields.items():
+            default = "required" if field.is_required() else repr(field.default)
+            out.print(f"[bold]{key}[/] (default {default}): {field.description or ''}")
+
+    return group
+
+
+# ----- pipeline ------------------------------------------------------------------------------
+
+MANIFEST_HELP = (
+    "Pipeline manifest (a file or a recipe name); default: the packaged `default` recipe."
+)
+
+
+def pipeline_options(f: Any) -> Any:
+    f = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")(f)
+    f = click.option("--workdir", type=click.Path(path_type=Path), help="Override the workdir.")(f)
+    f = click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="STAGE.KEY=VALUE",
+        help="Override a stage's config value (repeatable).",
+    )(f)
+    return click.argument("manifest", required=False)(f)
+
+
+def selection_options(f: Any) -> Any:
+    f = click.option("--force", is_flag=True, help="Run the selected stages even if up to date.")(f)
+    f = click.option(
+        "--from",
+        "start",
+        metavar="STAGE",
+        help="Run this stage and everything downstream of it, even if up to date.",
+    )(f)
+    return click.option(
+        "--only", multiple=True, metavar="STAGE", help="Run only this stage (repeatable)."
+    )(f)
+
+
+@click.group(name="pipeline")
+def pipeline_group() -> None:
+    """Run a manifest of stages as a DAG: plan, apply, status."""
+
+
+@pipeline_group.command(name="plan")
+@pipeline_options
+@selection_options
+@click.option("--verbose", "-v", is_flag=True, help="Show every stage's full plan.")
+def pipeline_plan_cmd(
+    manifest: str | None,
+    overrides: tuple[str, ...],
+    workdir: Path | None,
+    as_json: bool,
+    only: tuple[str, ...],
+    start: str | None,
+    force: bool,
+    verbose: bool,
+) -> None:
+    """Show for every stage whether apply will run it and why, with its checks and estimates."""
+    from albor.pipeline import load_pipeline, plan_pipeline
+
+    pipe = load_pipeline(manifest, overrides, workdir)
+    pp = plan_pipeline(pipe, only=only, start=start, force=force)
+    if as_json:
+        emit_json(pp.to_json())
+    else:
+        from albor.render import pipeline_plan_view
+
+        out.print(pipeline_plan_view(pp, verbose))
+    if not pp.ok:
+        raise Exit(1)
+
+
+@pipeline_group.command(name="apply")
+@pipeline_options
+@selection_options
+def pipeline_apply_cmd(
+    manifest: str | None,
+    overrides: tuple[str, ...],
+    workdir: Path | None,
+    as_json: bool,
+    only: tuple[str, ...],
+    start: str | None,
+    force: bool,
+) -> None:
+    """Run the stages in order, skipping those up to date; after a failure, re-run resumes there."""
+    from albor.pipeline import StageEvent, apply_pipeline, load_pipeline
+
+    pipe = load_pipeline(manifest, overrides, workdir)
+    if as_json:
+        progress.quiet()
+    t0 = time.perf_counter()
+
+    def show(ev: StageEvent) -> None:
+        if as_json:
+            return
+        if ev.status == "start":
+            err.print(f"[bold]→ {ev.name}[/] ({ev.kind})")
+        elif ev.status == "ran":
+            out.print(f"[green]✓[/] {ev.name}: done in {ev.wall_time_s:.1f}s  {ev.detail}")
+        elif ev.status == "up to date":
+            out.print(f"[green]✓[/] {ev.name}: up to date  {ev.detail}")
+        elif ev.status == "failed":
+            out.print(f"[red]✗[/] {ev.name}: failed after {ev.wall_time_s:.1f}s")
+
+    try:
+        events = apply_pipeline(pipe, only=only, start=start, force=force, on_event=show)
+    except AlborError:
+        if not as_json:
+            err.print(
+                f"re-run `albor pipeline apply{' ' + manifest if manifest else ''}` to resume "
+                "at the failed stage once it is fixed"
+            )
+        raise
+    if as_json:
+        emit_json(
+            {
+                "pipeline": pipe.manifest.name,
+                "workdir": str(pipe.workdir),
+                "stages": [
+                    {
+                        "name": e.name,
+                        "status": e.status,
+                        "summary": e.detail,
+                        "wall_time_s": round(e.wall_time_s, 3),
+                    }
+                    for e in events
+                    if e.status != "start"
+                ],
+            }
+        )
+    else:
+        out.print(
+            f"pipeline {pipe.manifest.name}: finished in {time.perf_counter() - t0:.1f}s, "
+            f"outputs in {pipe.workdir}"
+        )
+
+
+@pipeline_group.command(name="status")
+@pipeline_options
+def pipeline_status_cmd(
+    manifest: str | None, overrides: tuple[str, ...], workdir: Path | None, as_json: bool
+) -> None:
+    """Show each stage's state: up to date or why not, the last run, its summary."""
+    from albor.pipeline import load_pipeline, status_pipeline
+
+    pipe = load_pipeline(manifest, overrides, workdir)
+    rows = status_pipeline(pipe)
+    if as_json:
+        emit_json({"pipeline": pipe.manifest.name, "workdir": str(pipe.workdir), "stages": rows})
+    else:
+        from albor.render import status_view
+
+        out.print(status_view(rows, f"pipeline {pipe.manifest.name} (workdir {pipe.workdir})"))
+
+
+# ----- other verbs ---------------------------------------------------------------------------
+
+
+@click.command(name="recipes")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def recipes_cmd(as_json: bool) -> None:
+    """List the packaged recipes (pipeline manifests and stage configs) with their paths."""
+    from albor.pipeline import list_recipes
+
+    found = list_recipes()
+    if as_json:
+        emit_json({"recipes": found})
+        return
+    from rich.table import Table
+
+    table = Table(title="packaged recipes (pass the name or the path)", title_justify="left")
+    for col in ("name", "kind", "description", "path"):
+        table.add_column(col)
+    for r in found:
+        table.add_row(r["name"], r["kind"], r["description"], r["path"])
+    out.print(table)
+
+
+@click.command(name="complete")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("prefix")
+@click.option(
+    "--max-tokens",
+    default=64,
+    show_default=True,
+    type=click.IntRange(1, 100_000),
+    help="Most tokens to generate.",
+)
+@click.option(
+    "--temperature",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0.0, 10.0),
+    help="0 is greedy; higher samples more freely.",
+)
+@click.option("--top-k", type=click.IntRange(1), help="Sample only from the k most likely tokens.")
+@click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), help="Nucleus sampling.")
+@click.option("--seed", type=int, help="Seed for sampling, for reproducible output.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def complete_cmd(
+    checkpoint: Path,
+    prefix: str,
+    max_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    seed: int | None,
+    as_json: bool,
+) -> None:
+    """Complete PREFIX with the model in CHECKPOINT (a pretrain output or checkpoint dir)."""
+    from albor.data.bpe import load_tokenizer
+    from albor.infer.engine import complete
+    from albor.model.hf import load_pretrained
+
+    model, _ = load_pretrained(checkpoint)
+    tokenizer = load_tokenizer(checkpoint)
+    t0 = time.perf_counter()
+    text = complete(
+        model,
+        tokenizer,
+        prefix,
+        max_new_tokens=max_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+    )
+    wall = time.perf_counter() - t0
+    if as_json:
+        emit_json({"prefix": prefix, "completion": text, "seconds": round(wall, 3)})
+    else:
+        out.print(prefix, end="", markup=False)
+        out.print(text, style="bold", markup=False)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="albor")
+@click.option("--verbose", "-v", is_flag=True, help="Log details (INFO) to stderr.")
+def cli(verbose: bool) -> None:
+    """albor: build a small, fast, local Python code-completion model end to end.
+
+    Every stage has `plan` (validate and estimate; writes nothing) and `apply` (do it; skipped when
+    up to date). `albor pipeline apply` runs the packaged default ladder on the Python standard
+    library: ingest -> clean -> split -> tokenizer -> tokenize -> pretrain -> evaluate.
+    """
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+for _kind in [*REGISTRY, *ALIASES]:
+    cli.add_command(stage_group(_kind))
+cli.add_command(pipeline_group)
+cli.add_command(recipes_cmd)
+cli.add_command(complete_cmd)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    err.print("error: " + message, style="red", markup=False)
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI and map errors to exit codes; no traceback for user mistakes."""
+    debug = os.environ.get("ALBOR_DEBUG") == "1"
+    try:
+        cli.main(args=argv, prog_name="albor", standalone_mode=False)
+    except Exit as e:
+        sys.exit(e.code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        _fail("aborted", 130)
+    except PlanFailed as e:
+        if isinstance(e.plan, Plan):
+            from albor.render import plan_view
+
+            err.print(plan_view(e.plan))
+        _fail(str(e), 1)
+    except AlborError as e:
+        if debug:
+            raise
+        _fail(str(e), e.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except Exception as e:
+        if debug:
+            raise
+        _fail(
+            f"internal error: {type(e).__name__}: {e} (set ALBOR_DEBUG=1 for the traceback, "
+            "and please report it)",
+            1,
+        )

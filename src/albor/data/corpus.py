@@ -1,0 +1,147 @@
+"""The corpus format every data stage reads and writes: Parquet with one row per document.
+
+Columns: `text` (the UTF-8 source), `path` (where it came from), `source` (which configured source),
+`sha256` (of the UTF-8 text), `bytes` (its UTF-8 length). Writers stream record batches so memory
+stays bounded by the batch size, not by the corpus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from albor.artifact import read_manifest
+from albor.errors import ArtifactError
+
+SCHEMA = pa.schema(
+    [
+        ("text", pa.large_string()),
+        ("path", pa.string()),
+        ("source", pa.string()),
+        ("sha256", pa.string()),
+        ("bytes", pa.int64()),
+    ]
+)
+CORPUS_FILE = "corpus.parquet"
+SPLITS = ("train", "val", "test")
+
+
+def document(text: str, path: str, source: str) -> dict[str, Any]:
+    """A corpus row for `text`."""
+    data = text.encode("utf-8")
+    return {
+        "text": text,
+        "path": path,
+        "source": source,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data),
+    }
+
+
+class CorpusWriter:
+    """Append rows and flush them to a Parquet file every `batch_rows` rows."""
+
+    def __init__(self, path: Path, batch_rows: int = 1024) -> None:
+        self.path = path
+        self.batch_rows = batch_rows
+        self.rows = 0
+        self.bytes = 0
+        self._buffer: list[dict[str, Any]] = []
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = pq.ParquetWriter(str(path), SCHEMA, compression="zstd")
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._buffer.append(row)
+        self.rows += 1
+        self.bytes += int(row["bytes"])
+        if len(self._buffer) >= self.batch_rows:
+            self.flush()
+
+    def write_batch(self, batch: pa.RecordBatch) -> None:
+        self.flush()
+        self._writer.write_batch(batch.select(SCHEMA.names).cast(SCHEMA))
+        self.rows += batch.num_rows
+        self.bytes += int(pc.sum(batch.column("bytes")).as_py() or 0)
+
+    def flush(self) -> None:
+        if self._buffer:
+            self._writer.write_table(pa.Table.from_pylist(self._buffer, schema=SCHEMA))
+            self._buffer = []
+
+    def close(self) -> None:
+        self.flush()
+        self._writer.close()
+
+    def __enter__(self) -> CorpusWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def open_corpus(path: Path) -> pq.ParquetFile:
+    try:
+        f = pq.ParquetFile(str(path))
+    except FileNotFoundError:
+        raise ArtifactError(
+            f"{path}: corpus file not found (run the stage that makes it)"
+        ) from None
+    except (OSError, pa.ArrowException) as e:
+        raise ArtifactError(f"{path}: not a readable Parquet corpus: {e}") from e
+    missing = [c for c in SCHEMA.names if c not in f.schema_arrow.names]
+    if missing:
+        raise ArtifactError(f"{path}: corpus lacks column(s) {', '.join(missing)}")
+    return f
+
+
+def iter_batches(
+    path: Path, columns: list[str] | None = None, batch_rows: int = 1024
+) -> Iterator[pa.RecordBatch]:
+    """Stream a corpus file in record batches."""
+    yield from open_corpus(path).iter_batches(batch_size=batch_rows, columns=columns)
+
+
+def iter_texts(path: Path, batch_rows: int = 1024) -> Iterator[str]:
+    for batch in iter_batches(path, ["text"], batch_rows):
+        yield from batch.column("text").to_pylist()
+
+
+def num_rows(path: Path) -> int:
+    """Row count from the Parquet footer alone."""
+    return int(open_corpus(path).metadata.num_rows)
+
+
+def require_corpus(directory: Path) -> dict[str, Any]:
+    """The manifest of a finished corpus artifact (any stage that writes `corpus.parquet`)."""
+    manifest = read_manifest(directory)
+    if not any(o["path"] == CORPUS_FILE for o in manifest["outputs"]):
+        raise ArtifactError(
+            f"{directory}: artifact of stage '{manifest['stage']}' holds no {CORPUS_FILE} "
+            "(point the input at a corpus: the output of ingest or clean)"
+        )
+    return manifest
+
+
+def require_splits(directory: Path) -> dict[str, Any]:
+    """The manifest of a finished split artifact (train / val / test Parquet files)."""
+    manifest = read_manifest(directory)
+    have = {o["path"] for o in manifest["outputs"]}
+    missing = [s for s in SPLITS if f"{s}.parquet" not in have]
+    if missing:
+        raise ArtifactError(
+            f"{directory}: artifact of stage '{manifest['stage']}' lacks "
+            f"{', '.join(m + '.parquet' for m in missing)} (point it at the output of split)"
+        )
+    return manifest

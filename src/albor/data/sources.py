@@ -1,0 +1,670 @@
+"""Where a corpus comes from: the running Python's stdlib, local directories, globs, Parquet, JSONL.
+
+Every file (or row) a source holds is *seen* once and comes out as a `Read`: its text, or the
+reason it was rejected (`REASONS`). Files are `stat`-ed before they are opened, so FIFOs, devices
+and sockets are never opened (a FIFO would block), oversized files are never read, and directory
+symlinks are not followed, so a symlink loop cannot hang a walk. `scan` counts files and bytes from
+`stat` alone (for plans), and `state` hashes (path, size, mtime) so a fingerprint notices a changed
+source.
+
+Sources are typed configs (a pydantic union on `type`), so any stage that reads documents can take
+them: `iter_source(src, max_bytes)` streams `Read`s; nothing here holds a corpus in memory.
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import hashlib
+import json
+import os
+import re
+import stat
+import sysconfig
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from types import TracebackType
+from typing import Annotated, Any, BinaryIO, Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from albor.config import StageConfig
+from albor.errors import DataError
+
+# Why a file or row was not kept. Files: the first seven; rows of Parquet / JSONL: the rest, plus
+# binary / invalid_utf8 / empty / too_large, which apply to a row's text as they do to a file's.
+BINARY = "binary"
+INVALID_UTF8 = "invalid_utf8"
+EMPTY = "empty"
+TOO_LARGE = "too_large"
+UNREADABLE = "unreadable"
+BROKEN_LINK = "broken_link"
+NOT_A_FILE = "not_a_file"
+NOT_JSON = "not_json"
+MISSING_COLUMN = "missing_column"
+NULL_TEXT = "null_text"
+NOT_TEXT = "not_text"
+REASONS = (
+    BINARY,
+    INVALID_UTF8,
+    EMPTY,
+    TOO_LARGE,
+    UNREADABLE,
+    BROKEN_LINK,
+    NOT_A_FILE,
+    NOT_JSON,
+    MISSING_COLUMN,
+    NULL_TEXT,
+    NOT_TEXT,
+)
+
+REJECTED_FILE = "rejected.parquet"
+DEFAULT_INCLUDE = ("**/*.py",)
+# Third-party packages live inside the stdlib directory on most installs; they are not the stdlib.
+STDLIB_EXCLUDE = ("**/site-packages/**", "**/dist-packages/**")
+_GLOB_CHARS = frozenset("*?[")
+
+
+# --- source configs -------------------------------------------------------------------------------
+
+
+class _Source(StageConfig):
+    name: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Name recorded in the corpus `source` column (default: the source type).",
+    )
+
+
+class StdlibSource(_Source):
+    """The running Python's standard library (.py files), without site-packages."""
+
+    type: Literal["stdlib"] = Field(
+        default="stdlib", description="The running Python's standard library."
+    )
+    exclude: list[str] = Field(
+        default_factory=list,
+        description="Extra globs (relative to the stdlib directory) to leave out, e.g. `test/**`.",
+    )
+
+
+class DirSource(_Source):
+    """A local directory, walked without following directory symlinks."""
+
+    type: Literal["dir"] = Field(default="dir", description="A local directory of source files.")
+    path: Path = Field(description="The directory to walk.")
+    include: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_INCLUDE),
+        min_length=1,
+        description="Globs (relative to `path`, `**` for any depth) of the files to read.",
+    )
+    exclude: list[str] = Field(
+        default_factory=list, description="Globs (relative to `path`) of files or folders to skip."
+    )
+
+
+class GlobSource(_Source):
+    """Files matching one glob pattern."""
+
+    type: Literal["glob"] = Field(default="glob", description="Files matching a glob pattern.")
+    pattern: str = Field(
+        min_length=1, description="A glob such as `src/**/*.py` (`**` matches any depth)."
+    )
+
+
+class _TableSource(_Source):
+    path: Path = Field(description="The file to read.")
+    column: str = Field(
+        default="text", min_length=1, description="Column (key) holding the document text."
+    )
+    path_column: str | None = Field(
+        default=None, description="Column (key) holding each document's path (default: FILE:ROW)."
+    )
+
+
+class ParquetSource(_TableSource):
+    """Documents in a text column of a Parquet file."""
+
+    type: Literal["parquet"] = Field(
+        default="parquet", description="A Parquet file with a text column."
+    )
+
+
+class JsonlSource(_TableSource):
+    """Documents in a key of each line of a JSON Lines file (`.jsonl` or `.jsonl.gz`)."""
+
+    type: Literal["jsonl"] = Field(
+        default="jsonl", description="A JSON Lines file, one object per line."
+    )
+
+
+Source = Annotated[
+    StdlibSource | DirSource | GlobSource | ParquetSource | JsonlSource,
+    Field(discriminator="type"),
+]
+FileSource = StdlibSource | DirSource | GlobSource
+
+
+def label(src: Source) -> str:
+    """The name a source's documents carry in the corpus `source` column."""
+    return src.name or src.type
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def location(src: Source) -> str:
+    """The directory, file or pattern a source reads."""
+    if isinstance(src, StdlibSource):
+        return str(stdlib_root())
+    if isinstance(src, GlobSource):
+        return src.pattern
+    return str(src.path)
+
+
+def describe(src: Source) -> str:
+    """Where a source reads from, in words."""
+    return f"{src.type} {location(src)}"
+
+
+# --- glob patterns --------------------------------------------------------------------------------
+
+
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """Compile a path glob: `*` and `?` stay within one path segment, `**` spans any depth.
+
+    `**/*.py` matches `a.py` and `a/b/c.py`; `test/**` matches everything under `test/`. Character
+    classes are those of `fnmatch` (`[abc]`, `[!abc]`).
+    """
+    out: list[str] = []
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif c == "*":
+            out.append("[^/]*")
+            i += 1
+        elif c == "?":
+            out.append("[^/]")
+            i += 1
+        elif c == "[":
+            j = i + 1
+            if j < n and pattern[j] == "!":
+                j += 1
+            if j < n and pattern[j] == "]":
+                j += 1
+            while j < n and pattern[j] != "]":
+                j += 1
+            if j >= n:
+                out.append(re.escape(c))
+                i += 1
+                continue
+            body = pattern[i + 1 : j].replace("\\", "\\\\")
+            # Inside a class, `re` may one day read `[`, `&&`, `~~`, `||` as set operations.
+            body = re.sub(r"([\[&~|])", r"\\\1", body)
+            if body.startswith("!"):
+                body = "^" + body[1:]
+            elif body.startswith("^"):
+                body = "\\" + body
+            out.append(f"[{body}]")
+            i = j + 1
+        else:
+            out.append(re.escape(c))
+            i += 1
+    return re.compile("".join(out), re.DOTALL)
+
+
+def split_glob(pattern: str) -> tuple[Path, str]:
+    """Split `a/b/**/*.py` into the directory to walk (`a/b`) and the part to match (`**/*.py`)."""
+    parts = PurePosixPath(os.path.expanduser(pattern)).parts
+    for i, part in enumerate(parts):
+        if _GLOB_CHARS & set(part):
+            return Path(*parts[:i]), "/".join(parts[i:])
+    # No wildcard: one file, matched by its name in its directory.
+    return Path(*parts[:-1]), parts[-1]
+
+
+class _Matcher:
+    """Include / exclude globs over paths relative to a root, with directory pruning."""
+
+    def __init__(self, include: Sequence[str], exclude: Sequence[str]) -> None:
+        self.include = [glob_regex(p) for p in include]
+        self.exclude = [glob_regex(p) for p in exclude]
+        # Without `**`, a pattern reaches a fixed depth; deeper directories need not be listed.
+        self.max_depth = (
+            None if any("**" in p for p in include) else max(p.count("/") for p in include)
+        )
+
+    def wants_dir(self, rel: str, depth: int) -> bool:
+        if self.max_depth is not None and depth > self.max_depth:
+            return False
+        # `rel + "/"` lets `test/**` prune the folder `test` itself.
+        return not any(r.fullmatch(rel) or r.fullmatch(rel + "/") for r in self.exclude)
+
+    def wants_file(self, rel: str) -> bool:
+        return any(r.fullmatch(rel) for r in self.include) and not any(
+            r.fullmatch(rel) for r in self.exclude
+        )
+
+
+# --- walking files --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A file a walk has seen: where it is on disk, and its path relative to the source root.
+
+    `listable` is False for a sub-directory that could not be listed: its files cannot be seen one
+    by one, so it is reported (as `unreadable`) rather than silently skipped.
+    """
+
+    path: str
+    rel: str
+    listable: bool = True
+
+
+def walk(root: Path, include: Sequence[str], exclude: Sequence[str] = ()) -> Iterator[Entry]:
+    """The files under `root` whose relative path matches `include` and not `exclude`, sorted.
+
+    Directory symlinks are never followed (a loop cannot hang the walk); file symlinks are yielded
+    like files and resolved when read, so a dangling one or a loop is reported as `broken_link`.
+    """
+    matcher = _Matcher(include, exclude)
+    stack: list[tuple[str, str, int]] = [(str(root), "", 0)]
+    while stack:
+        directory, prefix, depth = stack.pop()
+        try:
+            with os.scandir(directory) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            if not prefix:
+                raise
+            yield Entry(directory, prefix, listable=False)
+            continue
+        subdirs = []
+        for e in entries:
+            rel = prefix + e.name
+            try:
+                is_dir = e.is_dir(follow_symlinks=False)
+            except OSError:
+                is_dir = False
+            if is_dir:
+                if matcher.wants_dir(rel, depth + 1):
+                    subdirs.append((e.path, rel + "/", depth + 1))
+            elif matcher.wants_file(rel):
+                yield Entry(e.path, rel)
+        stack.extend(reversed(subdirs))
+
+
+def file_layout(src: FileSource) -> tuple[Path, list[str], list[str]]:
+    """(root, include, exclude) of a file source; DataError when the root is not a directory."""
+    if isinstance(src, StdlibSource):
+        root, include, exclude = (
+            stdlib_root(),
+            list(DEFAULT_INCLUDE),
+            [*STDLIB_EXCLUDE, *src.exclude],
+        )
+        where = "stdlib"
+    elif isinstance(src, DirSource):
+        root, include, exclude = src.path.expanduser(), src.include, src.exclude
+        where = f"sources[{label(src)}].path"
+    else:
+        root, rest = split_glob(src.pattern)
+        include, exclude = [rest], []
+        where = f"sources[{label(src)}].pattern"
+    if not root.exists():
+        raise DataError(f"{root}: directory not found ({where}: check the path)")
+    if not root.is_dir():
+        raise DataError(
+            f"{root}: not a directory ({where}: point it at a folder, or use `type: glob`)"
+        )
+    return root, include, exclude
+
+
+def file_entries(src: FileSource) -> Iterator[Entry]:
+    """The files a file source sees; DataError when its root cannot be listed."""
+    root, include, exclude = file_layout(src)
+    try:
+        yield from walk(root, include, exclude)
+    except OSError as e:
+        raise DataError(f"{root}: cannot list directory: {e.strerror} (check permissions)") from e
+
+
+# --- reading --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    """One file or row seen: its text when kept, else the reason it was rejected."""
+
+    path: str
+    text: str | None
+    reason: str | None = None
+
+
+def stat_reason(st: os.stat_result, max_bytes: int) -> str | None:
+    """The rejection that `stat` alone can tell, before any byte is read."""
+    if not stat.S_ISREG(st.st_mode):
+        return NOT_A_FILE
+    if st.st_size > max_bytes:
+        return TOO_LARGE
+    if st.st_size == 0:
+        return EMPTY
+    return None
+
+
+def decode(data: bytes) -> tuple[str | None, str | None]:
+    """(text, None) for usable source bytes, (None, reason) otherwise."""
+    if b"\0" in data:
+        return None, BINARY
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, INVALID_UTF8
+    # A BOM is an encoding marker, not code; the model should not learn to emit it.
+    text = text.removeprefix("\ufeff")
+    if not text.strip():
+        return None, EMPTY
+    return text, None
+
+
+def read_file(path: str, max_bytes: int) -> tuple[str | None, str | None]:
+    """Read one file as UTF-8 source: (text, None) or (None, reason). Never blocks on a FIFO."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None, BROKEN_LINK if os.path.islink(path) else UNREADABLE
+    except OSError as e:
+        return None, BROKEN_LINK if e.errno == errno.ELOOP else UNREADABLE
+    reason = stat_reason(st, max_bytes)
+    if reason is not None:
+        return None, reason
+    try:
+        # O_NONBLOCK: if the file was swapped for a FIFO after the stat, opening it must not block.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None, UNREADABLE
+    try:
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return None, NOT_A_FILE
+            data = f.read(max_bytes + 1)
+    except OSError:
+        return None, UNREADABLE
+    if len(data) > max_bytes:  # it grew since the stat
+        return None, TOO_LARGE
+    return decode(data)
+
+
+def check_text(path: str, text: str, max_bytes: int) -> Read:
+    """The checks a file's bytes get, applied to a row's text."""
+    if "\0" in text:
+        return Read(path, None, BINARY)
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:  # lone surrogates from a JSON `\ud800` escape
+        return Read(path, None, INVALID_UTF8)
+    if size > max_bytes:
+        return Read(path, None, TOO_LARGE)
+    if not text.strip():
+        return Read(path, None, EMPTY)
+    return Read(path, text.removeprefix("\ufeff"))
+
+
+def _iter_files(src: FileSource, max_bytes: int) -> Iterator[Read]:
+    for entry in file_entries(src):
+        if not entry.listable:
+            yield Read(entry.rel, None, UNREADABLE)
+            continue
+        text, reason = read_file(entry.path, max_bytes)
+        yield Read(entry.rel, text, reason)
+
+
+_TEXT_TYPES = (pa.string(), pa.large_string(), pa.binary(), pa.large_binary())
+
+
+def open_parquet(src: ParquetSource) -> pq.ParquetFile:
+    """Open a Parquet source (footer only); DataError if missing, corrupt or lacking a column."""
+    path = src.path.expanduser()
+    if not path.is_file():
+        what = "not a file" if path.exists() else "file not found"
+        raise DataError(f"{path}: {what} (sources[{label(src)}].path: check the path)")
+    try:
+        pf = pq.ParquetFile(str(path))
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(
+            f"{path}: not a readable Parquet file ({e}): check the file, or re-export it"
+        ) from e
+    schema = pf.schema_arrow
+    for key, value in (("column", src.column), ("path_column", src.path_column)):
+        if value is None:
+            continue
+        if value not in schema.names:
+            raise DataError(
+                f"{path}: no column '{value}' (columns: {', '.join(schema.names)}): "
+                f"set sources[{label(src)}].{key} to one of them"
+            )
+    kind = schema.field(src.column).type
+    if kind not in _TEXT_TYPES:
+        raise DataError(
+            f"{path}: column '{src.column}' holds {kind}, not text: "
+            f"set sources[{label(src)}].column to the column with the source code"
+        )
+    return pf
+
+
+def _iter_parquet(src: ParquetSource, max_bytes: int, batch_rows: int) -> Iterator[Read]:
+    pf = open_parquet(src)
+    path = src.path.expanduser()
+    columns = [src.column] + ([src.path_column] if src.path_column else [])
+    row = 0
+    try:
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
+            texts = batch.column(0).to_pylist()
+            paths = batch.column(1).to_pylist() if src.path_column else [None] * len(texts)
+            for value, given in zip(texts, paths, strict=True):
+                where = str(given) if given is not None else f"{path.name}:{row}"
+                row += 1
+                if value is None:
+                    yield Read(where, None, NULL_TEXT)
+                elif isinstance(value, bytes):
+                    if len(value) > max_bytes:
+                        yield Read(where, None, TOO_LARGE)
+                    else:
+                        text, reason = decode(value)
+                        yield Read(where, text, reason)
+                else:
+                    yield check_text(where, value, max_bytes)
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(
+            f"{path}: corrupt Parquet data after row {row} ({e}): re-export the file"
+        ) from e
+
+
+def _open_lines(path: Path) -> BinaryIO:
+    if path.suffix == ".gz":
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    return open(path, "rb")
+
+
+def _iter_jsonl(src: JsonlSource, max_bytes: int) -> Iterator[Read]:
+    path = src.path.expanduser()
+    if not path.is_file():
+        what = "not a file" if path.exists() else "file not found"
+        raise DataError(f"{path}: {what} (sources[{label(src)}].path: check the path)")
+    try:
+        with _open_lines(path) as f:
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():  # blank lines separate nothing; they are not records
+                    continue
+                where = f"{path.name}:{lineno}"
+                try:
+                    obj: Any = json.loads(raw)
+                except ValueError:  # includes UnicodeDecodeError
+                    try:
+                        raw.decode("utf-8")
+                    except UnicodeDecodeError:
+                        yield Read(where, None, INVALID_UTF8)
+                        continue
+                    yield Read(where, None, NOT_JSON)
+                    continue
+                if not isinstance(obj, dict) or src.column not in obj:
+                    yield Read(where, None, MISSING_COLUMN)
+                    continue
+                if src.path_column and isinstance(obj.get(src.path_column), str):
+                    where = obj[src.path_column]
+                value = obj[src.column]
+                if value is None:
+                    yield Read(where, None, NULL_TEXT)
+                elif not isinstance(value, str):
+                    yield Read(where, None, NOT_TEXT)
+                else:
+                    yield check_text(where, value, max_bytes)
+    except (OSError, EOFError) as e:  # EOFError: a truncated .gz
+        raise DataError(f"{path}: cannot read: {e} (check the file)") from e
+
+
+def iter_source(src: Source, max_bytes: int, batch_rows: int = 1024) -> Iterator[Read]:
+    """Every file or row of `src`, once, in a stable order; DataError for an unusable source."""
+    if isinstance(src, ParquetSource):
+        return _iter_parquet(src, max_bytes, batch_rows)
+    if isinstance(src, JsonlSource):
+        return _iter_jsonl(src, max_bytes)
+    return _iter_files(src, max_bytes)
+
+
+# --- plans and fingerprints (stat only) -----------------------------------------------------------
+
+
+@dataclass
+class Scan:
+    """What a source holds, from `stat` and Parquet footers only."""
+
+    items: int | None  # files or rows; None for JSONL, whose lines are counted only when read
+    bytes: int  # bytes that would be read (files within max_bytes; the text column; the JSONL file)
+    too_large: int = 0
+    unit: str = "files"
+
+    @property
+    def detail(self) -> str:
+        count = f"{self.items} {self.unit}" if self.items is not None else "lines counted on apply"
+        extra = f", {self.too_large} over max_file_bytes" if self.too_large else ""
+        return f"{count}, {self.bytes / 1e6:.1f} MB{extra}"
+
+
+def scan(src: Source, max_bytes: int) -> Scan:
+    """Count what `src` holds without reading contents; DataError when it is missing or unusable."""
+    if isinstance(src, ParquetSource):
+        pf = open_parquet(src)
+        meta = pf.metadata
+        if meta.num_rows == 0:
+            raise DataError(f"{src.path}: Parquet file holds no rows (point the source at data)")
+        size = 0
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            for c in range(group.num_columns):
+                if group.column(c).path_in_schema == src.column:
+                    size += group.column(c).total_uncompressed_size
+        return Scan(meta.num_rows, size, unit="rows")
+    if isinstance(src, JsonlSource):
+        path = src.path.expanduser()
+        if not path.is_file():
+            what = "not a file" if path.exists() else "file not found"
+            raise DataError(f"{path}: {what} (sources[{label(src)}].path: check the path)")
+        size = path.stat().st_size
+        if size == 0:
+            raise DataError(f"{path}: empty JSONL file (point the source at data)")
+        return Scan(None, size, unit="lines")
+    files = total = too_large = 0
+    for entry in file_entries(src):
+        files += 1
+        try:
+            st = os.stat(entry.path)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            if st.st_size > max_bytes:
+                too_large += 1
+            else:
+                total += st.st_size
+    if files == 0:
+        root, include, _ = file_layout(src)
+        raise DataError(
+            f"{root}: no file matches {' or '.join(include)} "
+            f"(sources[{label(src)}]: check the path and the include patterns)"
+        )
+    return Scan(files, total, too_large)
+
+
+def state(src: Source) -> str:
+    """sha256 over (path, size, mtime_ns) of what `src` reads: changes when any of it changes.
+
+    Never raises: a source that cannot be listed hashes to its error, so the fingerprint still
+    differs from that of a source that can.
+    """
+    h = hashlib.sha256()
+    try:
+        if isinstance(src, ParquetSource | JsonlSource):
+            st = os.stat(src.path.expanduser())
+            h.update(f"{src.path}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+        else:
+            for entry in file_entries(src):
+                try:
+                    st = os.stat(entry.path)
+                    h.update(f"{entry.rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                except OSError as e:
+                    h.update(f"{entry.rel}\0{e.errno}\n".encode())
+    except (OSError, DataError) as e:
+        h.update(f"error\0{e}".encode())
+    return h.hexdigest()
+
+
+# --- rejection reports ----------------------------------------------------------------------------
+
+
+class RowWriter:
+    """Stream rows of a fixed schema to a Parquet file (e.g. `rejected.parquet`)."""
+
+    def __init__(self, path: Path, schema: pa.Schema, batch_rows: int = 1024) -> None:
+        self.path = path
+        self.schema = schema
+        self.batch_rows = batch_rows
+        self.rows = 0
+        self._buffer: list[dict[str, Any]] = []
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = pq.ParquetWriter(str(path), schema, compression="zstd")
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._buffer.append(row)
+        self.rows += 1
+        if len(self._buffer) >= self.batch_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._buffer:
+            self._writer.write_table(pa.Table.from_pylist(self._buffer, schema=self.schema))
+            self._buffer = []
+
+    def close(self) -> None:
+        self.flush()
+        self._writer.close()
+
+    def __enter__(self) -> RowWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,303 @@
+"""The stage protocol and the runner that gives every stage the same guarantees.
+
+A stage is a module under `albor.stages` exporting:
+  NAME, DESCRIPTION   its type name (as used in manifests and on the command line) and one line
+  Config              a `StageConfig` with an `output` field and the input fields listed in INPUTS
+  INPUTS              names of the Config fields that are paths to upstream artifacts, in order
+  plan(cfg, ctx)      -> Plan: pure checks and estimates
+  apply(cfg, ctx)     -> Outcome: writes its files into `ctx.out`
+and optionally `source_state(cfg)`, extra fingerprint data for inputs that are not artifacts.
+
+`run_stage` plans, skips the work when the fingerprint (stage type + resolved config + input
+digests + albor version) matches the existing output, otherwise applies into a `.NAME.partial`
+directory beside the output, checks that counts add up, hashes the outputs, writes `manifest.json`
+and swaps the directory in atomically, so a failed apply never damages what was there.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from pydantic import Field
+
+from albor import __version__
+from albor.artifact import (
+    MANIFEST,
+    artifact_digest,
+    atomic_write_json,
+    atomic_write_text,
+    canonical_json,
+    describe_outputs,
+    outputs_digest,
+    outputs_present,
+    read_manifest,
+    sha256_bytes,
+)
+from albor.config import StageConfig
+from albor.errors import AlborError, ArtifactError, ConfigError, PlanFailed, StageFailed
+from albor.plan import Plan
+
+log = logging.getLogger(__name__)
+
+# Stage type -> module; imported lazily so that `plan` of a data stage never pays for torch.
+REGISTRY: dict[str, str] = {
+    "ingest": "albor.stages.ingest",
+    "clean": "albor.stages.clean",
+    "split": "albor.stages.split",
+    "tokenizer": "albor.stages.tokenizer",
+    "tokenize": "albor.stages.tokenize",
+    "pretrain": "albor.stages.pretrain",
+    "evaluate": "albor.stages.evaluate",
+}
+
+# One line per stage type for `albor --help`, kept here so help never imports a stage.
+DESCRIPTIONS: dict[str, str] = {
+    "ingest": "Read .py files (stdlib, dirs, globs, Parquet/JSONL) into a Parquet corpus.",
+    "clean": "Drop documents that fail code-aware quality filters; count every reason.",
+    "split": "Split a corpus into train / val / test by document (hash of the content).",
+    "tokenizer": "Train a ByteLevel BPE tokenizer; verify the round trip on val.",
+    "tokenize": "Encode the splits into packed token shards (.npy) with an index.",
+    "pretrain": "Pretrain the decoder on token shards; writes an HF-compatible checkpoint.",
+    "evaluate": "Perplexity and bits per byte of a checkpoint, beside a unigram baseline.",
+}
+
+
+class OutputConfig(StageConfig):
+    """Base of stage configs: where the artifact goes."""
+
+    output: Path | None = Field(
+        None,
+        description="Artifact directory this stage writes (set by the pipeline to WORKDIR/STAGE).",
+    )
+
+
+def load_stage(kind: str) -> ModuleType:
+    """The module of stage type `kind`; ConfigError naming the known types if there is none."""
+    try:
+        path = REGISTRY[kind]
+    except KeyError:
+        known = ", ".join(sorted(REGISTRY))
+        raise ConfigError(f"unknown stage type '{kind}' (known types: {known})") from None
+    return importlib.import_module(path)
+
+
+@dataclass
+class PlanContext:
+    """What a plan needs to know beyond its config: inputs an upstream stage has yet to make."""
+
+    pending: dict[str, str] = field(default_factory=dict)
+
+    def is_pending(self, input_field: str) -> bool:
+        return input_field in self.pending
+
+    def pending_note(self, input_field: str) -> str:
+        return f"will be produced by stage '{self.pending[input_field]}'"
+
+
+@dataclass
+class ApplyContext:
+    """Where apply writes (`out`, the partial directory) and the stage's name in its pipeline."""
+
+    out: Path
+    name: str
+    fingerprint: str
+
+
+@dataclass
+class Outcome:
+    """What a stage's apply reports back; the runner puts it in the manifest."""
+
+    summary: str = ""
+    counts: dict[str, Any] | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    sources: list[dict[str, Any]] = field(default_factory=list)
+
+
+def counts(total: int, kept: int, rejected: dict[str, int]) -> dict[str, Any]:
+    return {"in": total, "kept": kept, "rejected": dict(sorted(rejected.items()))}
+
+
+def check_counts(name: str, c: dict[str, Any]) -> None:
+    """Nothing is lost silently: in == kept + every rejection by reason."""
+    rejected = sum(c.get("rejected", {}).values())
+    if c["in"] != c["kept"] + rejected:
+        raise StageFailed(
+            f"{name}: counts do not add up: in {c['in']} != kept {c['kept']} + rejected {rejected} "
+            "(this is a bug in albor; please report it)"
+        )
+
+
+def input_fields(module: ModuleType) -> tuple[str, ...]:
+    return tuple(getattr(module, "INPUTS", ()))
+
+
+def fingerprint(module: ModuleType, cfg: StageConfig) -> str:
+    """Hash of everything that determines the output: type, config, inputs, albor version."""
+    config = cfg.model_dump(mode="json", exclude={"output"})
+    inputs = {}
+    for name in input_fields(module):
+        value = getattr(cfg, name)
+        paths = value if isinstance(value, list) else [value]
+        inputs[name] = [artifact_digest(Path(p)) if p is not None else None for p in paths]
+    source = module.source_state(cfg) if hasattr(module, "source_state") else None
+    blob = canonical_json(
+        {
+            "stage": module.NAME,
+            "config": config,
+            "inputs": inputs,
+            "source": source,
+            "albor": __version__,
+        }
+    )
+    return sha256_bytes(blob.encode())
+
+
+def partial_dir(output: Path) -> Path:
+    return output.parent / f".{output.name}.partial"
+
+
+@dataclass
+class StageState:
+    """Whether a stage's output is up to date, and why not."""
+
+    up_to_date: bool
+    reason: str
+    fingerprint: str | None = None
+
+
+def state_of(module: ModuleType, cfg: StageConfig) -> StageState:
+    output = require_output(cfg)
+    try:
+        fp = fingerprint(module, cfg)
+    except ArtifactError:
+        return StageState(False, "input not ready")
+    try:
+        manifest = read_manifest(output)
+    except ArtifactError:
+        return StageState(False, "never ran" if not output.exists() else "output incomplete", fp)
+    if manifest.get("fingerprint") != fp:
+        old = manifest.get("config", {})
+        new = cfg.model_dump(mode="json", exclude={"output"})
+        if old != new:
+            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            return StageState(False, f"config changed ({', '.join(changed)})", fp)
+        if manifest.get("versions", {}).get("albor") != __version__:
+            return StageState(False, "albor version changed", fp)
+        return StageState(False, "input changed", fp)
+    if not outputs_present(output, manifest):
+        return StageState(False, "output missing or modified", fp)
+    return StageState(True, "up to date", fp)
+
+
+def require_output(cfg: StageConfig) -> Path:
+    output = getattr(cfg, "output", None)
+    if output is None:
+        raise ConfigError(
+            "output: required when a stage runs on its own (e.g. --set output=out/NAME)"
+        )
+    return Path(output)
+
+
+@dataclass
+class RunResult:
+    name: str
+    status: str  # "ran" | "up to date"
+    output: Path
+    manifest: dict[str, Any]
+    plan: Plan
+
+
+def versions() -> dict[str, str]:
+    found = {"albor": __version__, "python": sys.version.split()[0]}
+    for mod in ("torch", "tokenizers", "pyarrow", "numpy"):
+        m = sys.modules.get(mod)
+        if m is not None:
+            found[mod] = str(getattr(m, "__version__", "?"))
+    return found
+
+
+def run_stage(
+    module: ModuleType, cfg: StageConfig, *, name: str | None = None, force: bool = False
+) -> RunResult:
+    """Plan, then apply unless up to date; raise an AlborError on failure."""
+    name = name or module.NAME
+    output = require_output(cfg)
+    plan: Plan = module.plan(cfg, PlanContext())
+    if not plan.ok:
+        raise PlanFailed(f"{name}: plan failed: {plan.summary()}", plan)
+    state = state_of(module, cfg)
+    if state.up_to_date and not force:
+        return RunResult(name, "up to date", output, read_manifest(output), plan)
+    fp = state.fingerprint or fingerprint(module, cfg)
+    work = partial_dir(output)
+    marker = work / ".fingerprint"
+    if work.exists() and (not marker.exists() or marker.read_text() != fp or force):
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(marker, fp)
+    started = datetime.now(UTC)
+    t0 = time.perf_counter()
+    try:
+        outcome: Outcome = module.apply(cfg, ApplyContext(out=work, name=name, fingerprint=fp))
+    except AlborError:
+        raise
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:
+        raise StageFailed(f"{name}: {type(e).__name__}: {e}") from e
+    wall = time.perf_counter() - t0
+    if outcome.counts is not None:
+        check_counts(name, outcome.counts)
+    outputs = describe_outputs(work)
+    manifest = {
+        "albor_manifest": 1,
+        "stage": module.NAME,
+        "name": name,
+        "fingerprint": fp,
+        "digest": outputs_digest(outputs),
+        "config": cfg.model_dump(mode="json", exclude={"output"}),
+        "inputs": _describe_inputs(module, cfg) + outcome.sources,
+        "outputs": outputs,
+        "counts": outcome.counts,
+        "metrics": outcome.metrics,
+        "summary": outcome.summary,
+        "versions": versions(),
+        "started_at": started.isoformat(timespec="seconds"),
+        "wall_time_s": round(wall, 3),
+    }
+    atomic_write_json(work / MANIFEST, manifest)
+    marker.unlink()
+    _swap_in(work, output)
+    return RunResult(name, "ran", output, manifest, plan)
+
+
+def _describe_inputs(module: ModuleType, cfg: StageConfig) -> list[dict[str, Any]]:
+    described = []
+    for field_name in input_fields(module):
+        value = getattr(cfg, field_name)
+        for p in value if isinstance(value, list) else [value]:
+            if p is not None:
+                described.append(
+                    {"name": field_name, "path": str(p), "digest": artifact_digest(Path(p))}
+                )
+    return described
+
+
+def _swap_in(work: Path, output: Path) -> None:
+    """Replace `output` by `work`; the old output is removed only after the new one is in place."""
+    old = output.parent / f".{output.name}.old-{os.getpid()}"
+    if output.exists():
+        os.replace(output, old)
+    os.replace(work, output)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,370 @@
+"""pretrain: train the decoder on packed token shards; the output is an HF-compatible checkpoint.
+
+`plan` is the pre-flight the specification's 350M run lacked (ALB-060): exact parameter count,
+memory budget against the device, tokens per optimizer step, total steps and tokens, how many
+times the data repeats, warmup fraction, checkpoint count and size, and wall time; it rejects
+configs that cannot do what they say. `max_steps` is authoritative: the data repeats as needed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from albor.config import Int, StageConfig
+from albor.errors import ArtifactError, ConfigError
+from albor.model.config import ModelConfig
+from albor.model.estimate import (
+    flops_per_token,
+    format_bytes,
+    format_count,
+    memory_budget,
+    param_count,
+)
+from albor.model.presets import PRESETS, preset
+from albor.plan import Plan
+from albor.stage import ApplyContext, Outcome, OutputConfig, PlanContext
+
+NAME = "pretrain"
+INPUTS = ("data",)
+
+
+class Architecture(StageConfig):
+    """Overrides on top of the preset; unset keys keep the preset's value."""
+
+    vocab_size: Int | None = Field(None, description="Token ids; must equal the tokenizer's vocab.")
+    hidden_size: Int | None = Field(None, description="Width of the residual stream.")
+    num_layers: Int | None = Field(None, description="Transformer blocks.")
+    num_heads: Int | None = Field(None, description="Query heads; must divide hidden_size.")
+    num_kv_heads: Int | None = Field(None, description="Key/value heads; must divide num_heads.")
+    intermediate_size: Int | None = Field(None, description="SwiGLU hidden width.")
+    max_seq_len: Int | None = Field(None, description="Context length.")
+    rope_theta: float | None = Field(None, description="RoPE base.")
+    rms_norm_eps: float | None = Field(None, description="RMSNorm epsilon.")
+    tie_embeddings: bool | None = Field(None, description="Share embedding and output head.")
+    qkv_bias: bool | None = Field(None, description="Bias on q/k/v (Qwen2 style).")
+    init_std: float | None = Field(None, description="Init std.")
+
+
+class Config(OutputConfig):
+    data: Path | None = Field(None, description="Token shard artifact directory (from tokenize).")
+    model: str = Field("demo", description=f"Model preset: {', '.join(PRESETS)}.")
+    architecture: Architecture = Field(
+        default_factory=Architecture, description="Overrides of the preset's architecture."
+    )
+    seq_len: Int | None = Field(None, gt=0, description="Training window; default: the context.")
+    micro_batch: Int = Field(8, gt=0, description="Sequences per forward/backward pass.")
+    grad_accum: Int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    max_steps: Int = Field(1000, gt=0, description="Optimizer steps (authoritative; data repeats).")
+    warmup_steps: Int = Field(100, ge=0, description="Linear warmup steps; must be < max_steps.")
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a fraction of lr.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay (matrices).")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    grad_clip: float = Field(
+        1.0, gt=0, description="Max gradient norm; clipping is always on (ALB-071)."
+    )
+    eval_every: Int = Field(100, gt=0, description="Validate every N steps (and at the end).")
+    eval_tokens: Int = Field(65536, ge=0, description="Validation tokens per evaluation (0: none).")
+    checkpoint_every: Int = Field(500, gt=0, description="Save a checkpoint every N steps.")
+    keep_checkpoints: Int = Field(2, gt=0, description="Intermediate checkpoints kept.")
+    log_every: Int = Field(10, gt=0, description="Write a metrics line every N steps.")
+    seed: int = Field(1337, description="Seed of the init and of the data order.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda if available.")
+    precision: Literal["fp32"] = Field("fp32", description="Training precision.")
+    threads: int | None = Field(None, gt=0, description="CPU threads (default: all cores).")
+
+
+def model_config(cfg: Config) -> ModelConfig:
+    overrides = {k: v for k, v in cfg.architecture.model_dump().items() if v is not None}
+    return preset(cfg.model, **overrides)
+
+
+def resolve_device(cfg: Config) -> str:
+    if cfg.device != "auto":
+        return cfg.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_memory(device: str) -> tuple[int | None, str]:
+    """Memory the run may use on `device` and where that figure comes from, without allocating."""
+    if device == "cpu":
+        try:
+            with open("/proc/meminfo", encoding="ascii") as f:
+                info = dict(line.split(":", 1) for line in f)
+            return int(info["MemAvailable"].split()[0]) * 1024, "available RAM"
+        except (OSError, KeyError, ValueError):
+            pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            return int(pages), "physical RAM"
+    import torch
+
+    if not torch.cuda.is_available():
+        return None, "no CUDA device"
+    props = torch.cuda.get_device_properties(0)
+    return int(props.total_memory), props.name
+
+
+def cpu_peak_flops(threads: int) -> float:
+    """fp32 matmul FLOP/s of this CPU measured in ~0.1 s: the ceiling for the time estimate."""
+    import torch
+
+    n = 512
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.mm(a, b)
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 0.1:
+            torch.mm(a, b)
+            reps += 1
+        return 2 * n**3 * reps / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(old)
+
+
+# Fraction of matmul peak a small-model training step reaches on CPU (measured by
+# benchmarks/train.py: 30-45% for the demo preset); used only for the wall-time estimate.
+ASSUMED_MFU = 0.35
+
+
+def _read_index(cfg: Config, p: Plan, ctx: PlanContext) -> Any:
+    if cfg.data is None:
+        p.add("data", "fail", "no data: set `data:` to a tokenize output directory")
+        return None
+    if ctx.is_pending("data"):
+        p.add("data", "ok", ctx.pending_note("data"))
+        return None
+    from albor.data.shards import TokenIndex
+
+    try:
+        index = TokenIndex.load(cfg.data)
+    except ArtifactError as e:
+        p.add("data", "fail", f"{e} (run the tokenize stage first)")
+        return None
+    train = index.splits.get("train")
+    if train is None or train.tokens == 0:
+        p.add("data", "fail", f"{cfg.data}: the train split holds no tokens (add data)")
+        return None
+    p.add("data", "ok", f"{cfg.data}: {format_count(train.tokens)} train tokens")
+    return index
+
+
+def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
+    ctx = ctx or PlanContext()
+    p = Plan(NAME)
+    try:
+        mc = model_config(cfg)
+    except ConfigError as e:
+        p.add("architecture", "fail", str(e))
+        return p
+    problems = mc.problems()
+    p.require(
+        "architecture",
+        not problems,
+        f"{cfg.model}: {mc.num_layers} layers, width "
+        f"{mc.hidden_size}, {mc.num_heads} heads / {mc.num_kv_heads} KV heads, "
+        f"FFN {mc.intermediate_size}, vocab {mc.vocab_size}, context {mc.max_seq_len}",
+        "; ".join(problems),
+    )
+    if problems:
+        return p
+    n = param_count(mc)
+    seq = cfg.seq_len or mc.max_seq_len
+    p.require(
+        "sequence length",
+        seq <= mc.max_seq_len,
+        f"{seq} <= context {mc.max_seq_len}",
+        f"seq_len {seq} exceeds the context {mc.max_seq_len}: lower seq_len or raise "
+        "architecture.max_seq_len",
+    )
+    p.require(
+        "warmup",
+        cfg.warmup_steps < cfg.max_steps,
+        f"{cfg.warmup_steps} steps = {cfg.warmup_steps / cfg.max_steps:.1%} of the run",
+        f"warmup_steps {cfg.warmup_steps} >= max_steps {cfg.max_steps}: the learning rate "
+        "would never reach its peak; use a warmup of about 1-10% of max_steps",
+    )
+    tokens_per_step = cfg.micro_batch * cfg.grad_accum * seq
+    total_tokens = tokens_per_step * cfg.max_steps
+    p.estimates["parameters"] = {"total": n, "human": format_count(n)}
+    p.estimates["tokens_per_step"] = tokens_per_step
+    p.estimates["steps"] = cfg.max_steps
+    p.estimates["total_tokens"] = total_tokens
+    p.estimates["tokens_per_parameter"] = round(total_tokens / n, 3)
+    p.estimates["warmup_fraction"] = round(cfg.warmup_steps / cfg.max_steps, 4)
+
+    index = _read_index(cfg, p, ctx)
+    if index is not None:
+        p.require(
+            "vocab",
+            index.vocab_size == mc.vocab_size,
+            f"model and tokenizer both have {mc.vocab_size} ids",
+            f"model vocab_size {mc.vocab_size} != tokenizer vocab {index.vocab_size}: set "
+            f"architecture.vocab_size: {index.vocab_size} (or retrain the tokenizer with "
+            f"vocab_size {mc.vocab_size})",
+        )
+        train_tokens = index.splits["train"].tokens
+        p.require(
+            "train data",
+            train_tokens > seq + 1,
+            f"{train_tokens:,} tokens",
+            f"{train_tokens} train tokens cannot fill one window of {seq + 1}: add data or "
+            "lower seq_len",
+        )
+        p.estimates["data_repeats"] = round(total_tokens / train_tokens, 3)
+        val = index.splits.get("val")
+        p.warn_if(
+            "validation",
+            cfg.eval_tokens > 0 and (val is None or val.tokens <= seq),
+            "the val split is too small for one window: validation is skipped",
+            f"{min(cfg.eval_tokens, val.tokens if val else 0):,} val tokens per evaluation",
+        )
+    device = resolve_device(cfg)
+    budget = memory_budget(mc, cfg.micro_batch, seq, precision=cfg.precision)
+    p.estimates["memory"] = {k: format_bytes(v) for k, v in budget.items()}
+    available, what = device_memory(device)
+    if available is None:
+        p.add("device", "fail", f"device {device}: {what} (set device: cpu)")
+    else:
+        p.require(
+            "memory",
+            budget["total"] <= available,
+            f"{format_bytes(budget['total'])} of {format_bytes(available)} ({what}, {device})",
+            f"needs {format_bytes(budget['total'])} but {device} has "
+            f"{format_bytes(available)} ({what}): lower micro_batch (raise grad_accum to "
+            "keep the tokens per step) or seq_len, or pick a smaller model",
+        )
+    ckpt_bytes = n * 4 * 3  # weights + two AdamW states, fp32
+    n_ckpt = min(cfg.max_steps // cfg.checkpoint_every, cfg.keep_checkpoints) + 1
+    p.estimates["checkpoints"] = {
+        "written": cfg.max_steps // cfg.checkpoint_every + 1,
+        "kept": n_ckpt,
+        "size_each": format_bytes(ckpt_bytes),
+    }
+    p.estimates["disk_bytes"] = n_ckpt * ckpt_bytes
+    flops = flops_per_token(mc, seq) * total_tokens
+    p.estimates["train_flops"] = float(flops)
+    if device == "cpu":
+        threads = cfg.threads or os.cpu_count() or 1
+        peak = cpu_peak_flops(threads)
+        p.estimates["device_peak_gflops"] = round(peak / 1e9, 1)
+        p.estimates["wall_time_s"] = round(flops / (peak * ASSUMED_MFU), 1)
+    p.actions.append(
+        f"train {format_count(n)} parameters for {cfg.max_steps} steps "
+        f"({format_count(total_tokens)} tokens) on {device}"
+    )
+    p.actions.append(f"write the checkpoint (HF layout) to {cfg.output}")
+    return p
+
+
+def apply(cfg: Config, ctx: ApplyContext) -> Outcome:
+    import torch
+
+    from albor.data.bpe import TOKENIZER_FILES, load_tokenizer, token_byte_lengths
+    from albor.data.shards import TokenIndex, open_split
+    from albor.data.windows import WindowSampler, eval_windows
+    from albor.evals.perplexity import score_model
+    from albor.model.gpt import GPT
+    from albor.model.hf import save_pretrained
+    from albor.train.loop import LoopSettings, train
+    from albor.train.optim import build_adamw
+
+    assert cfg.data is not None
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(resolve_device(cfg))
+    mc = model_config(cfg)
+    seq = cfg.seq_len or mc.max_seq_len
+    index = TokenIndex.load(cfg.data)
+    tokenizer = load_tokenizer(cfg.data)
+    token_bytes = token_byte_lengths(tokenizer)
+    sampler = WindowSampler(open_split(cfg.data, "train"), seq, cfg.seed)
+    val_shards = open_split(cfg.data, "val") if "val" in index.splits else []
+
+    torch.manual_seed(cfg.seed)
+    model = GPT(mc).to(device)
+    model.init_weights()
+    optimizer = build_adamw(
+        model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps, device
+    )
+
+    def evaluate() -> dict[str, Any]:
+        windows = eval_windows(val_shards, seq, cfg.eval_tokens, cfg.micro_batch)
+        s = score_model(model, windows, token_bytes, str(device))
+        return {
+            "val_loss": round(s.loss, 5),
+            "val_bpb": round(s.bits_per_byte, 5),
+            "val_ppl": round(s.perplexity, 3),
+            "val_tokens": s.tokens,
+        }
+
+    has_val = cfg.eval_tokens > 0 and any(len(s) > seq for s in val_shards)
+    tok_files = [cfg.data / f for f in TOKENIZER_FILES]
+    settings = LoopSettings(
+        max_steps=cfg.max_steps,
+        warmup_steps=cfg.warmup_steps,
+        lr=cfg.lr,
+        min_lr_ratio=cfg.min_lr_ratio,
+        micro_batch=cfg.micro_batch,
+        grad_accum=cfg.grad_accum,
+        grad_clip=cfg.grad_clip,
+        eval_every=cfg.eval_every,
+        checkpoint_every=cfg.checkpoint_every,
+        keep_checkpoints=cfg.keep_checkpoints,
+        log_every=cfg.log_every,
+    )
+    result = train(
+        model,
+        optimizer,
+        sampler,
+        settings,
+        device=device,
+        run_dir=ctx.out,
+        eos_token_id=index.eos_id,
+        extra_files=tok_files,
+        evaluate=evaluate if has_val else None,
+    )
+    save_pretrained(model, mc, ctx.out, eos_token_id=index.eos_id)
+    for f in tok_files:
+        (ctx.out / f.name).write_bytes(f.read_bytes())
+    final_eval = result.evals[-1] if result.evals else {}
+    first_loss = _first_loss(ctx.out / "metrics.jsonl")
+    metrics = {
+        "parameters": model.num_params(),
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "final_loss": round(result.final_loss, 5),
+        "first_loss": first_loss,
+        "tokens_per_s": round(result.tokens_per_s, 1),
+        "skipped_steps": result.skipped_steps,
+        "resumed_from": result.resumed_from,
+        "data_repeats": round(result.tokens / sampler.tokens, 3),
+        **final_eval,
+    }
+    summary = (
+        f"{format_count(model.num_params())} params, {result.steps} steps, loss "
+        f"{first_loss} -> {result.final_loss:.3f}"
+    )
+    if final_eval:
+        summary += f", val bits/byte {final_eval['val_bpb']:.3f}"
+    summary += f", {result.tokens_per_s:,.0f} tok/s"
+    return Outcome(summary=summary, metrics=metrics)
+
+
+def _first_loss(path: Path) -> float | None:
+    import json
+
+    for line in path.read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            return float(rec["loss"])
+    return None

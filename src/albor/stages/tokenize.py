@@ -1,0 +1,250 @@
+"""tokenize: encode the train / val / test splits into packed token shards (`albor.data.shards`).
+
+Documents are encoded in parallel by the Rust tokenizer (`encode_batch_fast` on batches of texts),
+packed in corpus order with EOS after each, and written shard by shard, so memory holds one shard
+and one encode batch. Special-token spellings inside a document are encoded as plain text: the only
+EOS ids in a shard are the document separators.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+from tokenizers import Tokenizer
+
+from albor import progress
+from albor.artifact import read_manifest, sha256_file
+from albor.config import Int
+from albor.data.bpe import EOS_ID, TOKENIZER_FILES, TOKENIZER_JSON, load_tokenizer, plain_text
+from albor.data.corpus import SPLITS, iter_batches, num_rows, open_corpus, require_splits
+from albor.data.shards import (
+    ShardWriter,
+    SplitInfo,
+    TokenIndex,
+    encode_packed,
+    text_batches,
+    token_dtype,
+)
+from albor.errors import ArtifactError
+from albor.plan import Plan
+from albor.stage import ApplyContext, Outcome, OutputConfig, PlanContext, counts
+
+NAME = "tokenize"
+DESCRIPTION = "Encode the splits into packed uint16/uint32 token shards with an index."
+INPUTS = ("corpus", "tokenizer")
+
+DEFAULT_BYTES_PER_TOKEN = 3.5
+# Rough encode speed per CPU core; only for the plan's estimate.
+_ENCODE_BYTES_PER_S_PER_CORE = 2.5e6
+
+SplitName = Literal["train", "val", "test"]
+
+
+def _all_splits() -> list[SplitName]:
+    return ["train", "val", "test"]
+
+
+class Config(OutputConfig):
+    corpus: Path | None = Field(
+        None, description="Split artifact directory (train / val / test Parquet, from split)."
+    )
+    tokenizer: Path | None = Field(
+        None, description="Tokenizer artifact directory (from the tokenizer stage)."
+    )
+    shard_tokens: Int = Field(
+        16 * 1024**2, gt=0, description="Tokens per shard (the last one of a split holds fewer)."
+    )
+    splits: list[SplitName] = Field(
+        default_factory=_all_splits, description="Splits to encode (default: all three)."
+    )
+    batch_rows: int = Field(1024, gt=0, description="Rows per record batch while streaming.")
+
+    @field_validator("splits")
+    @classmethod
+    def _distinct(cls, value: list[SplitName]) -> list[SplitName]:
+        if not value:
+            raise ValueError("name at least one split (train, val, test)")
+        if len(set(value)) != len(value):
+            raise ValueError("a split is listed twice: list each once")
+        return value
+
+
+def _tokenizer_manifest(directory: Path) -> dict[str, Any]:
+    """The manifest of an artifact that holds the tokenizer files (tokenizer stage, checkpoint)."""
+    manifest = read_manifest(directory)
+    have = {o["path"] for o in manifest["outputs"]}
+    missing = [f for f in TOKENIZER_FILES if f not in have]
+    if missing:
+        raise ArtifactError(
+            f"{directory}: artifact of stage '{manifest['stage']}' lacks {', '.join(missing)} "
+            "(point `tokenizer:` at the output of the tokenizer stage)"
+        )
+    return manifest
+
+
+def _split_sizes(directory: Path, manifest: dict[str, Any], split: str) -> tuple[int, int]:
+    """(documents, UTF-8 bytes) of a split, from the manifest when it records them."""
+    metrics = manifest.get("metrics") or {}
+    docs = (metrics.get("documents") or {}).get(split)
+    size = (metrics.get("bytes") or {}).get(split)
+    if not isinstance(docs, int):
+        docs = num_rows(directory / f"{split}.parquet")
+    if not isinstance(size, int):
+        table = open_corpus(directory / f"{split}.parquet").read(columns=["bytes"])
+        size = sum(table.column("bytes").to_pylist())
+    return int(docs), int(size)
+
+
+def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
+    ctx = ctx or PlanContext()
+    p = Plan(NAME)
+    sizes: dict[str, tuple[int, int]] | None = None
+    if cfg.corpus is None:
+        p.add("corpus", "fail", "no corpus: set `corpus:` to a split artifact directory")
+    elif ctx.is_pending("corpus"):
+        p.add("corpus", "ok", ctx.pending_note("corpus"))
+    else:
+        try:
+            manifest = require_splits(cfg.corpus)
+            sizes = {s: _split_sizes(cfg.corpus, manifest, s) for s in cfg.splits}
+        except ArtifactError as e:
+            p.add("corpus", "fail", str(e))
+        else:
+            total = sum(b for _, b in sizes.values())
+            p.add("corpus", "ok", f"{cfg.corpus}: {total / 1e6:.1f} MB in {', '.join(cfg.splits)}")
+
+    vocab: int | None = None
+    bytes_per_token = DEFAULT_BYTES_PER_TOKEN
+    if cfg.tokenizer is None:
+        p.add(
+            "tokenizer", "fail", "no tokenizer: set `tokenizer:` to a tokenizer artifact directory"
+        )
+    elif ctx.is_pending("tokenizer"):
+        p.add("tokenizer", "ok", ctx.pending_note("tokenizer"))
+    else:
+        try:
+            tok_manifest = _tokenizer_manifest(cfg.tokenizer)
+            vocab = load_tokenizer(cfg.tokenizer).get_vocab_size()
+        except ArtifactError as e:
+            p.add("tokenizer", "fail", str(e))
+        else:
+            p.add("tokenizer", "ok", f"{cfg.tokenizer}: vocab {vocab}")
+            reported = (tok_manifest.get("metrics") or {}).get("bytes_per_token")
+            if isinstance(reported, (int, float)) and reported > 0:
+                bytes_per_token = float(reported)
+
+    itemsize = 2
+    if vocab is not None:
+        try:
+            dtype = token_dtype(vocab)
+        except ValueError as e:
+            p.add("dtype", "fail", f"{e}: train a tokenizer with a smaller vocab_size")
+        else:
+            itemsize = dtype.itemsize
+            p.add("dtype", "ok", f"{dtype.name}: ids 0..{vocab - 1} fit")
+            p.estimates["dtype"] = dtype.name
+    else:
+        p.estimates["dtype"] = "uint16 if the vocab is at most 65536, else uint32"
+
+    p.estimates["bytes_per_token"] = bytes_per_token
+    if sizes is not None:
+        tokens = {s: round(b / bytes_per_token) + d for s, (d, b) in sizes.items()}
+        p.estimates["documents"] = {s: d for s, (d, _) in sizes.items()}
+        p.estimates["tokens"] = tokens
+        p.estimates["shards"] = {s: math.ceil(t / cfg.shard_tokens) for s, t in tokens.items()}
+        p.estimates["disk_mb"] = round(sum(tokens.values()) * itemsize / 1e6, 1)
+        total_bytes = sum(b for _, b in sizes.values())
+        cores = min(os.cpu_count() or 1, 16)
+        p.estimates["seconds"] = round(total_bytes / (_ENCODE_BYTES_PER_S_PER_CORE * cores), 1)
+        if "train" in tokens:
+            p.warn_if(
+                "train tokens",
+                sizes["train"][0] == 0,
+                "the train split is empty: pretraining will have nothing to read",
+                f"about {tokens['train']:,} train tokens",
+            )
+    p.actions.append(
+        f"encode {', '.join(cfg.splits)} into shards of {cfg.shard_tokens:,} tokens under "
+        f"{cfg.output}, with index.json and the tokenizer files"
+    )
+    return p
+
+
+def encode_split(
+    tok: Tokenizer, corpus: Path, split: str, writer: ShardWriter, batch_rows: int
+) -> tuple[int, SplitInfo]:
+    """Encode one split into `writer`; returns (documents read, what was written)."""
+    path = corpus / f"{split}.parquet"
+    read = 0
+    with progress.bar(f"tokenize {split}", num_rows(path)) as bar:
+        for batch in iter_batches(path, ["text", "bytes"], batch_rows):
+            texts = batch.column("text").to_pylist()
+            sizes = batch.column("bytes").to_pylist()
+            for chunk, chunk_sizes in text_batches(texts, sizes):
+                ids, lengths = encode_packed(tok, chunk, writer.dtype, EOS_ID)
+                writer.write(ids, lengths, chunk_sizes)
+            read += len(texts)
+            bar.advance(len(texts))
+    return read, writer.close()
+
+
+def apply(cfg: Config, ctx: ApplyContext) -> Outcome:
+    assert cfg.corpus is not None and cfg.tokenizer is not None
+    loaded = load_tokenizer(cfg.tokenizer)
+    vocab = loaded.get_vocab_size()
+    dtype = token_dtype(vocab)
+    tok = plain_text(loaded)
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(cfg.tokenizer / name, ctx.out / name)
+
+    splits: dict[str, SplitInfo] = {}
+    documents_in = 0
+    t0 = time.perf_counter()
+    for split in (s for s in SPLITS if s in cfg.splits):
+        writer = ShardWriter(ctx.out, split, cfg.shard_tokens, dtype)
+        read, splits[split] = encode_split(tok, cfg.corpus, split, writer, cfg.batch_rows)
+        documents_in += read
+    seconds = time.perf_counter() - t0
+
+    TokenIndex(
+        vocab_size=vocab,
+        dtype=dtype.name,
+        eos_id=EOS_ID,
+        tokenizer_sha256=sha256_file(ctx.out / TOKENIZER_JSON),
+        splits=splits,
+    ).write(ctx.out)
+
+    written = sum(s.documents for s in splits.values())
+    total_bytes = sum(s.bytes for s in splits.values())
+    # Bytes per token of the text alone: the EOS separators are not text.
+    text_tokens = sum(s.tokens - s.documents for s in splits.values())
+    mb_per_s = round(total_bytes / 1e6 / seconds, 2) if seconds > 0 else None
+    bpt = {
+        name: round(s.bytes / (s.tokens - s.documents), 4) if s.tokens > s.documents else None
+        for name, s in splits.items()
+    }
+    summary = ", ".join(
+        f"{name} {s.tokens:,} tokens in {len(s.shards)} shard(s)" for name, s in splits.items()
+    )
+    overall = round(total_bytes / text_tokens, 3) if text_tokens else None
+    return Outcome(
+        summary=f"{summary}; {overall} bytes/token, {mb_per_s} MB/s ({dtype.name})",
+        counts=counts(documents_in, written, {}),
+        metrics={
+            "vocab_size": vocab,
+            "dtype": dtype.name,
+            "tokens": {name: s.tokens for name, s in splits.items()},
+            "documents": {name: s.documents for name, s in splits.items()},
+            "bytes": {name: s.bytes for name, s in splits.items()},
+            "shards": {name: len(s.shards) for name, s in splits.items()},
+            "bytes_per_token": bpt,
+            "encode_seconds": round(seconds, 3),
+            "mb_per_s": mb_per_s,
+        },
+    )

@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from albor.cli import ALIASES, cli, main
+from albor.stage import DESCRIPTIONS, REGISTRY, load_stage
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+        raise SystemExit(0)
+    captured = capsys.readouterr()
+    return int(e.value.code or 0), captured.out, captured.err
+
+
+def test_verbs_match_registry() -> None:
+    assert set(DESCRIPTIONS) == set(REGISTRY)
+    for kind in [*REGISTRY, *ALIASES]:
+        group = cli.commands[kind]
+        assert set(group.commands) == {"plan", "apply", "keys"}  # type: ignore[attr-defined]
+    for kind in REGISTRY:
+        module = load_stage(kind)
+        assert kind == module.NAME
+        for attr in ("Config", "plan", "apply", "INPUTS"):
+            assert hasattr(module, attr), f"{kind} lacks {attr}"
+        for field in module.INPUTS:
+            assert field in module.Config.model_fields
+        assert "output" in module.Config.model_fields
+        for key, f in module.Config.model_fields.items():
+            assert f.description, f"{kind}.{key} has no description"
+
+
+def test_stage_plan_apply_json_and_exit_codes(
+    corpus_artifact: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = corpus_artifact()
+    cfg = tmp_path / "split.yaml"
+    cfg.write_text(f"input: {src}\noutput: {tmp_path / 'out'}\n")
+    code, out, _ = run(["split", "plan", str(cfg), "--json"], capsys)
+    data = json.loads(out)
+    assert code == 0 and data["ok"] and data["stage"] == "split"
+    assert set(data) == {"stage", "ok", "checks", "estimates", "actions"}
+    assert all(set(c) == {"name", "status", "detail"} for c in data["checks"])
+    assert not (tmp_path / "out").exists()
+    code, out, _ = run(["split", "apply", str(cfg)], capsys)
+    assert code == 0 and "split: done" in out
+    code, out, _ = run(["split", "apply", str(cfg)], capsys)
+    assert code == 0 and "up to date" in out
+    code, out, _ = run(["split", "apply", str(cfg), "--json", "--force"], capsys)
+    assert code == 0 and json.loads(out)["status"] == "ran"
+    # An invalid plan: exit 1, the failing check shown, nothing written.
+    code, out, err = run(["split", "plan", str(cfg), "--set", f"input={tmp_path / 'nope'}"], capsys)
+    assert code == 1 and "not found" in out
+    code, _, err = run(
+        [
+            "split",
+            "apply",
+            str(cfg),
+            "--set",
+            f"input={tmp_path / 'nope'}",
+            "--set",
+            f"output={tmp_path / 'o2'}",
+        ],
+        capsys,
+    )
+    assert code == 1 and "plan failed" in err and "Traceback" not in err
+    assert not (tmp_path / "o2").exists()
+
+
+def test_config_errors_exit_2_without_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "split.yaml"
+    cfg.write_text("inptu: x\n")
+    code, _, err = run(["split", "plan", str(cfg)], capsys)
+    assert code == 2 and "inptu: unknown key (did you mean 'input'?)" in err
+    cfg.write_text("val: lots\n")
+    code, _, err = run(["split", "plan", str(cfg)], capsys)
+    assert code == 2 and "val" in err and "Traceback" not in err
+    code, _, err = run(["split", "plan", str(tmp_path / "missing.yaml")], capsys)
+    assert code == 2 and "no such file" in err
+    code, _, err = run(["split", "plan"], capsys)
+    assert code == 2 and "Missing argument" in err
+    code, _, err = run(["nosuchverb"], capsys)
+    assert code == 2
+
+
+def test_recipes_lists_packaged_manifests(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["recipes", "--json"], capsys)
+    names = {r["name"]: r for r in json.loads(out)["recipes"]}
+    assert code == 0 and {"default", "pretrain-350m"} <= set(names)
+    assert Path(names["default"]["path"]).is_file()
+
+
+def test_350m_recipe_plans_398_5m(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, out, _ = run(["train", "plan", "pretrain-350m", "--json"], capsys)
+    data = json.loads(out)
+    assert data["estimates"]["parameters"] == {"total": 398_509_056, "human": "398.5M"}
+    assert data["estimates"]["tokens_per_step"] == 4 * 128 * 1024
+    assert data["estimates"]["total_tokens"] == 4 * 128 * 1024 * 5000
+    assert data["estimates"]["warmup_fraction"] == 0.1
+    checks = {c["name"]: c for c in data["checks"]}
+    assert checks["architecture"]["status"] == "ok"
+    assert "memory" in data["estimates"] and "checkpoints" in data["estimates"]
+    assert code in (0, 1)  # data may be pending or missing depending on the workdir

@@ -1,0 +1,128 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import fakestage
+from albor.errors import ConfigError, DataError
+from albor.pipeline import apply_pipeline, load_pipeline, plan_pipeline, status_pipeline
+from albor.stage import REGISTRY
+
+
+@pytest.fixture(autouse=True)
+def fake_stage(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(REGISTRY, "fake", "fakestage")
+    fakestage.RUNS.clear()
+
+
+def write(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "pipe.yaml"
+    path.write_text(f"workdir: {tmp_path / 'work'}\n" + body)
+    return path
+
+
+CHAIN = """
+stages:
+  a:
+    uses: fake
+    with: {texts: ["a = 1\\n", "b = 2\\n"]}
+  b:
+    uses: split
+    needs: [a]
+    with: {val: 0.1, test: 0.1}
+  c:
+    uses: fake
+    needs: {input: a}
+"""
+
+
+def test_plan_apply_skip_and_rerun_on_change(tmp_path: Path) -> None:
+    path = write(tmp_path, CHAIN)
+    pipe = load_pipeline(path)
+    assert pipe.order.index("a") < pipe.order.index("b")
+    pp = plan_pipeline(pipe)
+    assert pp.ok
+    assert [(s.name, s.run) for s in pp.stages] == [("a", True), ("b", True), ("c", True)]
+    assert pp.stages[1].reason == "upstream a will run"
+    assert pp.totals()["wall_time_s"] == 2.0
+    assert not (tmp_path / "work").exists()  # plan writes nothing
+    events = apply_pipeline(pipe)
+    assert [e.status for e in events if e.status != "start"] == ["ran", "ran", "ran"]
+    assert (tmp_path / "work" / "b" / "train.parquet").exists()
+    again = apply_pipeline(load_pipeline(path))
+    assert [e.status for e in again if e.status != "start"] == ["up to date"] * 3
+    assert [s.run for s in plan_pipeline(load_pipeline(path)).stages] == [False, False, False]
+    # Change a's config: a runs, then b and c because their input changed.
+    changed = load_pipeline(path, ["a.texts=['x = 3\\n', 'y = 4\\n', 'z = 5\\n']"])
+    pp = plan_pipeline(changed)
+    assert pp.stages[0].reason.startswith("config changed (texts)")
+    assert [s.run for s in pp.stages] == [True, True, True]
+    fakestage.RUNS.clear()
+    apply_pipeline(changed)
+    assert fakestage.RUNS == ["a", "c"]
+
+
+def test_failure_then_resume_at_failed_stage(tmp_path: Path) -> None:
+    path = write(tmp_path, CHAIN)
+    with pytest.raises(DataError):
+        apply_pipeline(load_pipeline(path, ["c.fail=true"]))
+    assert (tmp_path / "work" / "b" / "manifest.json").exists()  # finished stages intact
+    rows = {r["name"]: r for r in status_pipeline(load_pipeline(path, ["c.fail=true"]))}
+    assert rows["c"]["last_status"] == "failed" and "asked to fail" in rows["c"]["error"]
+    pp = plan_pipeline(load_pipeline(path))
+    assert [s.run for s in pp.stages] == [False, False, True]
+    assert pp.stages[2].reason.startswith("failed last time: c: asked to fail")
+    fakestage.RUNS.clear()
+    apply_pipeline(load_pipeline(path))
+    assert fakestage.RUNS == ["c"]
+
+
+def test_only_from_force(tmp_path: Path) -> None:
+    path = write(tmp_path, CHAIN)
+    apply_pipeline(load_pipeline(path))
+    fakestage.RUNS.clear()
+    apply_pipeline(load_pipeline(path), only=("c",), force=True)
+    assert fakestage.RUNS == ["c"]
+    fakestage.RUNS.clear()
+    pp = plan_pipeline(load_pipeline(path), start="a")
+    assert [s.run for s in pp.stages] == [True, True, True]
+    pp = plan_pipeline(load_pipeline(path), start="b")
+    assert [(s.name, s.run) for s in pp.stages] == [("a", False), ("b", True), ("c", False)]
+    with pytest.raises(ConfigError, match="unknown stage 'zz'"):
+        plan_pipeline(load_pipeline(path), only=("zz",))
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("stages:\n  a: {uses: fake, needs: [b]}\n  b: {uses: fake, needs: [a]}\n", "cycle"),
+        ("stages:\n  a: {uses: nosuch}\n", "unknown stage type 'nosuch'"),
+        ("stages:\n  a: {uses: fake, needs: [zz]}\n", "unknown stage 'zz'"),
+        ("stages:\n  a: {uses: fake, needs: {nope: a}}\n", "'nope' is not an input"),
+        ("stages:\n  a: {uses: fake, with: {bogus: 1}}\n", "stages.a.with: bogus: unknown key"),
+        ("stages:\n  a: {uses: fake, wiht: {}}\n", "unknown key"),
+        ("stages:\n  a: {uses: fake, needs: [a]}\n", "cannot need itself"),
+    ],
+)
+def test_manifest_errors_at_plan_time(tmp_path: Path, body: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_pipeline(write(tmp_path, body))
+
+
+def test_set_override_must_name_a_stage(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"STAGE\.KEY=VALUE"):
+        load_pipeline(write(tmp_path, CHAIN), ["texts=1"])
+
+
+def test_default_manifest_loads_and_plans() -> None:
+    pipe = load_pipeline(None, workdir=Path("/nonexistent-albor-workdir"))
+    assert pipe.order == [
+        "ingest",
+        "clean",
+        "split",
+        "tokenizer",
+        "tokenize",
+        "pretrain",
+        "evaluate",
+    ]
