@@ -76,3 +76,25 @@ def corpus_artifact(tmp_path: Path, stdlib_texts: list[tuple[str, str]]) -> Call
         return write_corpus_artifact(tmp_path / name, texts if texts is not None else stdlib_texts)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def token_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tokenize artifact (512-token BPE) built by the real stages from the stdlib sample."""
+    from albor.stage import load_stage, run_stage
+    from albor.stages import split, tokenize, tokenizer
+
+    root = tmp_path_factory.mktemp("token_data")
+    texts = [(name, (STDLIB / name).read_text(encoding="utf-8")) for name in STDLIB_SAMPLE]
+    corpus = write_corpus_artifact(root / "corpus", texts)
+    splits = run_stage(
+        load_stage("split"), split.Config(input=corpus, output=root / "split", val=0.2, test=0.1)
+    ).output
+    tok = run_stage(
+        load_stage("tokenizer"),
+        tokenizer.Config(input=splits, output=root / "tokenizer", vocab_size=512),
+    ).output
+    return run_stage(
+        load_stage("tokenize"),
+        tokenize.Config(corpus=splits, tokenizer=tok, output=root / "tokenize"),
+    ).output

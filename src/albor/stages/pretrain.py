@@ -274,7 +274,7 @@ def apply(cfg: Config, ctx: ApplyContext) -> Outcome:
     from albor.data.windows import WindowSampler, eval_windows
     from albor.evals.perplexity import score_model
     from albor.model.gpt import GPT
-    from albor.model.hf import save_pretrained
+    from albor.train import checkpoint
     from albor.train.loop import LoopSettings, train
     from albor.train.optim import build_adamw
 
@@ -333,10 +333,16 @@ def apply(cfg: Config, ctx: ApplyContext) -> Outcome:
         extra_files=tok_files,
         evaluate=evaluate if has_val else None,
     )
-    save_pretrained(model, mc, ctx.out, eos_token_id=index.eos_id)
-    for f in tok_files:
-        (ctx.out / f.name).write_bytes(f.read_bytes())
     final_eval = result.evals[-1] if result.evals else {}
+    state = {
+        "step": result.steps,
+        "tokens": result.tokens,
+        "loss": result.final_loss,
+        "evals": result.evals,
+    }
+    checkpoint.write(
+        ctx.out, model, optimizer, state, eos_token_id=index.eos_id, extra_files=tok_files
+    )
     first_loss = _first_loss(ctx.out / "metrics.jsonl")
     metrics = {
         "parameters": model.num_params(),

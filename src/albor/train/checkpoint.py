@@ -41,18 +41,31 @@ def save(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_pretrained(model, model.cfg, tmp, eos_token_id=eos_token_id)
-    for f in extra_files:
-        shutil.copy2(f, tmp / f.name)
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
-        tmp / OPTIMIZER_FILE,
-    )
-    atomic_write_json(tmp / STATE_FILE, state)
+    write(tmp, model, optimizer, state, eos_token_id=eos_token_id, extra_files=extra_files)
     if directory.exists():
         shutil.rmtree(directory)
     tmp.rename(directory)
     return directory
+
+
+def write(
+    directory: Path,
+    model: GPT,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    *,
+    eos_token_id: int,
+    extra_files: list[Path] = (),  # type: ignore[assignment]
+) -> None:
+    """Write the checkpoint files into an existing directory (the trainer state last)."""
+    save_pretrained(model, model.cfg, directory, eos_token_id=eos_token_id)
+    for f in extra_files:
+        shutil.copy2(f, directory / f.name)
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
+        directory / OPTIMIZER_FILE,
+    )
+    atomic_write_json(directory / STATE_FILE, state)
 
 
 def latest(root: Path) -> Path | None:

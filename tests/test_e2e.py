@@ -1,0 +1,110 @@
+"""The whole ladder through the CLI: a small one by default, the packaged default as slow."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from albor.cli import main
+from conftest import STDLIB, STDLIB_SAMPLE
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+        raise SystemExit(0)
+    captured = capsys.readouterr()
+    return int(e.value.code or 0), captured.out, captured.err
+
+
+MANIFEST = """
+name: small
+workdir: {work}
+stages:
+  ingest:
+    uses: ingest
+    with:
+      sources: [{{type: dir, path: {src}}}]
+  clean: {{uses: clean, needs: [ingest]}}
+  split: {{uses: split, needs: [clean], with: {{val: 0.2, test: 0.1}}}}
+  tokenizer: {{uses: tokenizer, needs: [split], with: {{vocab_size: 512}}}}
+  tokenize: {{uses: tokenize, needs: {{corpus: split, tokenizer: tokenizer}}}}
+  pretrain:
+    uses: pretrain
+    needs: [tokenize]
+    with: {{model: tiny, seq_len: 64, micro_batch: 8, max_steps: 40, warmup_steps: 4, lr: 1e-2,
+            eval_every: 20, eval_tokens: 512, checkpoint_every: 20}}
+  evaluate: {{uses: evaluate, needs: {{model: pretrain, data: tokenize}}, with: {{seq_len: 64}}}}
+"""
+
+
+def test_small_ladder_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in STDLIB_SAMPLE:
+        shutil.copy(STDLIB / name, src / name)
+    (src / "blob.py").write_bytes(b"\x00\x01binary")
+    (src / "empty.py").write_text("")
+    manifest = tmp_path / "small.yaml"
+    manifest.write_text(MANIFEST.format(work=tmp_path / "work", src=src))
+
+    code, out, _ = run(["pipeline", "plan", str(manifest), "--json"], capsys)
+    plan = json.loads(out)
+    assert code == 0 and plan["ok"] and all(s["will_run"] for s in plan["stages"])
+    assert not (tmp_path / "work").exists()
+
+    code, out, err = run(["pipeline", "apply", str(manifest)], capsys)
+    assert code == 0, err
+    assert "ingest: done" in out and "unigram baseline" in out
+    ingest = json.loads((tmp_path / "work" / "ingest" / "manifest.json").read_text())
+    assert ingest["counts"]["rejected"] == {"binary": 1, "empty": 1}
+    assert ingest["counts"]["kept"] == len(STDLIB_SAMPLE)
+
+    code, out, _ = run(["pipeline", "status", str(manifest), "--json"], capsys)
+    assert code == 0 and all(s["up_to_date"] for s in json.loads(out)["stages"])
+    code, out, _ = run(["pipeline", "apply", str(manifest)], capsys)
+    assert code == 0 and out.count("up to date") == 7
+
+    # A config change re-runs that stage and what depends on it, nothing upstream.
+    code, out, _ = run(
+        ["pipeline", "plan", str(manifest), "--json", "--set", "evaluate.max_tokens=128"], capsys
+    )
+    runs = {s["name"]: s["will_run"] for s in json.loads(out)["stages"]}
+    assert [n for n, r in runs.items() if r] == ["evaluate"]
+
+    ckpt = tmp_path / "work" / "pretrain"
+    code, out, _ = run(["complete", str(ckpt), "def ", "--max-tokens", "8", "--json"], capsys)
+    assert code == 0 and isinstance(json.loads(out)["completion"], str)
+    code, _, err = run(["complete", str(tmp_path / "nope"), "def "], capsys)
+    assert code == 1 and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_default_manifest_learns_python(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    work = tmp_path / "run"
+    code, out, err = run(
+        [
+            "pipeline",
+            "apply",
+            "--workdir",
+            str(work),
+            "--set",
+            "pretrain.max_steps=200",
+            "--set",
+            "pretrain.eval_every=100",
+            "--set",
+            "pretrain.checkpoint_every=100",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    metrics = json.loads((work / "evaluate" / "metrics.json").read_text())
+    assert metrics["bits_per_byte"] < 0.8 * metrics["unigram"]["bits_per_byte"]
+    code, out, _ = run(
+        ["complete", str(work / "pretrain"), "def ", "--max-tokens", "16", "--json"], capsys
+    )
+    text = json.loads(out)["completion"]
+    assert code == 0 and "(" in text
