@@ -108,3 +108,29 @@ def test_350m_recipe_plans_398_5m(capsys: pytest.CaptureFixture[str], tmp_path: 
     assert checks["architecture"]["status"] == "ok"
     assert "memory" in data["estimates"] and "checkpoints" in data["estimates"]
     assert code in (0, 1)  # data may be pending or missing depending on the workdir
+
+
+def test_bad_source_fails_cleanly_and_keeps_the_old_output(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "a.py").write_text("def f(x):\n    return x + 1\n")
+    (tmp_path / "nopy").mkdir()
+    (tmp_path / "nopy" / "notes.txt").write_text("hello\n")
+    cfg = tmp_path / "ingest.yaml"
+    cfg.write_text(f"sources: [{{type: dir, path: {good}}}]\noutput: {tmp_path / 'out'}\n")
+    code, _, err = run(["ingest", "apply", str(cfg)], capsys)
+    assert code == 0, err
+    before = (tmp_path / "out" / "manifest.json").read_bytes()
+    for source, message in [
+        (tmp_path / "nopy", "no file matches **/*.py"),
+        (tmp_path / "missing", "directory not found"),
+    ]:
+        code, _, err = run(
+            ["ingest", "apply", str(cfg), "--set", f"sources=[{{type: dir, path: {source}}}]"],
+            capsys,
+        )
+        assert code == 1 and message in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1
+        assert (tmp_path / "out" / "manifest.json").read_bytes() == before

@@ -459,10 +459,6 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         _fail("aborted", 130)
     except PlanFailed as e:
-        if isinstance(e.plan, Plan):
-            from albor.render import plan_view
-
-            err.print(plan_view(e.plan))
         _fail(str(e), 1)
     except AlborError as e:
         if debug:

@@ -53,7 +53,7 @@ def test_plan_estimates_and_checks(inputs: tuple[Path, Path], tmp_path: Path) ->
     assert p.estimates["dtype"] == "uint16"
     bpt = read_manifest(tok)["metrics"]["bytes_per_token"]
     assert p.estimates["bytes_per_token"] == bpt
-    assert set(p.estimates["tokens"]) == set(SPLITS) and p.estimates["disk_mb"] > 0
+    assert set(p.estimates["tokens"]) == set(SPLITS) and p.estimates["disk_bytes"] > 0
     assert not (tmp_path / "out").exists()
     pending = tokenize.plan(
         tokenize.Config(corpus=tmp_path / "a", tokenizer=tmp_path / "b", output=tmp_path / "o"),

@@ -32,7 +32,7 @@ def test_plan_ok_and_pure(splits_artifact: Path, tmp_path: Path) -> None:
     assert p.ok, p.summary()
     assert p.estimates["train_bytes_used"] == 100_000 < p.estimates["train_bytes"]
     assert any("will train on 0.1 MB of the" in c.detail for c in p.checks)
-    assert p.estimates["train_seconds"] > 0
+    assert p.estimates["wall_time_s"] > 0
     assert not (tmp_path / "tok").exists()
     pending = tokenizer.plan(
         tokenizer.Config(input=tmp_path / "later", output=tmp_path / "tok"),

@@ -153,7 +153,7 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
             if isinstance(size, int | float):
                 rate = _PARSE_MB_PER_S if cfg.require_valid_ast else _SCAN_MB_PER_S
                 p.estimates["input_mb"] = round(size / 1e6, 2)
-                p.estimates["wall_s"] = round(size / 1e6 / rate, 1)
+                p.estimates["wall_time_s"] = round(size / 1e6 / rate, 1)
     p.actions.append(f"filter documents, write {CORPUS_FILE} and {REJECTED_FILE} to {cfg.output}")
     return p
 

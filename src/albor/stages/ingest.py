@@ -118,8 +118,8 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
     p.estimates["sources"] = per
     p.estimates["documents_seen"] = items if counted else f"{items} + JSONL lines"
     p.estimates["input_mb"] = round(total / 1e6, 2)
-    p.estimates["output_disk_mb"] = round(total * _COMPRESSION / 1e6, 2)
-    p.estimates["wall_s"] = round(total / 1e6 / _MB_PER_S, 1)
+    p.estimates["disk_bytes"] = round(total * _COMPRESSION)
+    p.estimates["wall_time_s"] = round(total / 1e6 / _MB_PER_S, 1)
     p.actions.append(
         f"read {len(cfg.sources)} source(s); write {CORPUS_FILE}, {REJECTED_FILE} to {cfg.output}"
     )

@@ -131,9 +131,16 @@ def cpu_peak_flops(threads: int) -> float:
         torch.set_num_threads(old)
 
 
-# Fraction of matmul peak a small-model training step reaches on CPU (measured by
-# benchmarks/train.py: 30-45% for the demo preset); used only for the wall-time estimate.
-ASSUMED_MFU = 0.35
+# Fraction of the matmul peak a training step reaches on CPU, for the wall-time estimate only
+# (benchmarks/train.py measured 65% for the demo preset on 2 cores; larger models do better).
+ASSUMED_MFU = 0.6
+
+
+def format_duration(seconds: float) -> str:
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} seconds"
 
 
 def _read_index(cfg: Config, p: Plan, ctx: PlanContext) -> Any:
@@ -257,7 +264,15 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
         threads = cfg.threads or os.cpu_count() or 1
         peak = cpu_peak_flops(threads)
         p.estimates["device_peak_gflops"] = round(peak / 1e9, 1)
-        p.estimates["wall_time_s"] = round(flops / (peak * ASSUMED_MFU), 1)
+        wall = flops / (peak * ASSUMED_MFU)
+        p.estimates["wall_time_s"] = round(wall, 1)
+        p.estimates["wall_time"] = format_duration(wall)
+        p.warn_if(
+            "wall time",
+            wall > 7 * 86400,
+            f"about {format_duration(wall)} on this CPU: run it on a GPU (device: cuda)",
+            f"about {format_duration(wall)} at {ASSUMED_MFU:.0%} of the measured peak",
+        )
     p.actions.append(
         f"train {format_count(n)} parameters for {cfg.max_steps} steps "
         f"({format_count(total_tokens)} tokens) on {device}"

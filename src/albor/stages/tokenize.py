@@ -158,10 +158,10 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
         p.estimates["documents"] = {s: d for s, (d, _) in sizes.items()}
         p.estimates["tokens"] = tokens
         p.estimates["shards"] = {s: math.ceil(t / cfg.shard_tokens) for s, t in tokens.items()}
-        p.estimates["disk_mb"] = round(sum(tokens.values()) * itemsize / 1e6, 1)
+        p.estimates["disk_bytes"] = sum(tokens.values()) * itemsize
         total_bytes = sum(b for _, b in sizes.values())
         cores = min(os.cpu_count() or 1, 16)
-        p.estimates["seconds"] = round(total_bytes / (_ENCODE_BYTES_PER_S_PER_CORE * cores), 1)
+        p.estimates["wall_time_s"] = round(total_bytes / (_ENCODE_BYTES_PER_S_PER_CORE * cores), 1)
         if "train" in tokens:
             p.warn_if(
                 "train tokens",

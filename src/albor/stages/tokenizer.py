@@ -124,9 +124,9 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
             )
             p.estimates["train_bytes"] = train_bytes
             p.estimates["train_bytes_used"] = used
-            p.estimates["train_seconds"] = estimate_train_seconds(used)
+            p.estimates["wall_time_s"] = estimate_train_seconds(used)
     p.estimates["vocab_size"] = cfg.vocab_size
-    p.estimates["disk_mb"] = round(cfg.vocab_size * 80 / 1e6, 2)  # vocab + merges JSON
+    p.estimates["disk_bytes"] = cfg.vocab_size * 80  # vocab + merges JSON
     p.actions.append(
         f"train a {cfg.vocab_size}-token byte-level BPE on the train split "
         f"(at most {cfg.max_train_bytes / 1e6:.1f} MB), write tokenizer.json, "
