@@ -65,6 +65,17 @@ def write_corpus_artifact(
     return directory
 
 
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Run the CLI in-process: (exit code, stdout, stderr)."""
+    from albor.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+        raise SystemExit(0)
+    captured = capsys.readouterr()
+    return int(e.value.code or 0), captured.out, captured.err
+
+
 @pytest.fixture
 def stdlib_texts() -> list[tuple[str, str]]:
     return [(name, (STDLIB / name).read_text(encoding="utf-8")) for name in STDLIB_SAMPLE]

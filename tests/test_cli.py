@@ -6,16 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from albor.cli import ALIASES, cli, main
+from albor.cli import ALIASES, cli
 from albor.stage import DESCRIPTIONS, REGISTRY, load_stage
-
-
-def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-        raise SystemExit(0)
-    captured = capsys.readouterr()
-    return int(e.value.code or 0), captured.out, captured.err
+from conftest import run
 
 
 def test_verbs_match_registry() -> None:

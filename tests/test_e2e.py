@@ -8,17 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from albor.cli import main
-from conftest import STDLIB, STDLIB_SAMPLE
-
-
-def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-        raise SystemExit(0)
-    captured = capsys.readouterr()
-    return int(e.value.code or 0), captured.out, captured.err
-
+from conftest import STDLIB, STDLIB_SAMPLE, run
 
 MANIFEST = """
 name: small

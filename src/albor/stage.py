@@ -22,11 +22,12 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import Field
 
@@ -48,6 +49,7 @@ from albor.errors import AlborError, ArtifactError, ConfigError, PlanFailed, Sta
 from albor.plan import Plan
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Stage type -> module; imported lazily so that `plan` of a data stage never pays for torch.
 REGISTRY: dict[str, str] = {
@@ -102,6 +104,25 @@ class PlanContext:
 
     def pending_note(self, input_field: str) -> str:
         return f"will be produced by stage '{self.pending[input_field]}'"
+
+
+def check_input(
+    p: Plan, ctx: PlanContext, name: str, path: Path | None, load: Callable[[Path], T], what: str
+) -> T | None:
+    """The check every plan makes of an input: set, then either pending (an upstream stage will
+    make it) or loadable. Returns what `load` read, or None after adding a pending or failing
+    check; the caller adds the ok check with its details."""
+    if path is None:
+        p.add(name, "fail", f"no {name}: set `{name}:` to {what}")
+        return None
+    if ctx.is_pending(name):
+        p.add(name, "ok", ctx.pending_note(name))
+        return None
+    try:
+        return load(path)
+    except ArtifactError as e:
+        p.add(name, "fail", str(e))
+        return None
 
 
 @dataclass

@@ -11,7 +11,7 @@ import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -45,41 +45,34 @@ def document(text: str, path: str, source: str) -> dict[str, Any]:
     }
 
 
-class CorpusWriter:
-    """Append rows and flush them to a Parquet file every `batch_rows` rows."""
+class RowWriter:
+    """Stream rows of a fixed schema to a Parquet file, flushing every `batch_rows` rows."""
 
-    def __init__(self, path: Path, batch_rows: int = 1024) -> None:
+    def __init__(self, path: Path, schema: pa.Schema, batch_rows: int = 1024) -> None:
         self.path = path
+        self.schema = schema
         self.batch_rows = batch_rows
         self.rows = 0
-        self.bytes = 0
         self._buffer: list[dict[str, Any]] = []
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = pq.ParquetWriter(str(path), SCHEMA, compression="zstd")
+        self._writer = pq.ParquetWriter(str(path), schema, compression="zstd")
 
     def write(self, row: dict[str, Any]) -> None:
         self._buffer.append(row)
         self.rows += 1
-        self.bytes += int(row["bytes"])
         if len(self._buffer) >= self.batch_rows:
             self.flush()
 
-    def write_batch(self, batch: pa.RecordBatch) -> None:
-        self.flush()
-        self._writer.write_batch(batch.select(SCHEMA.names).cast(SCHEMA))
-        self.rows += batch.num_rows
-        self.bytes += int(pc.sum(batch.column("bytes")).as_py() or 0)
-
     def flush(self) -> None:
         if self._buffer:
-            self._writer.write_table(pa.Table.from_pylist(self._buffer, schema=SCHEMA))
+            self._writer.write_table(pa.Table.from_pylist(self._buffer, schema=self.schema))
             self._buffer = []
 
     def close(self) -> None:
         self.flush()
         self._writer.close()
 
-    def __enter__(self) -> CorpusWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -89,6 +82,24 @@ class CorpusWriter:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class CorpusWriter(RowWriter):
+    """A `RowWriter` of corpus rows that also counts the text bytes written."""
+
+    def __init__(self, path: Path, batch_rows: int = 1024) -> None:
+        super().__init__(path, SCHEMA, batch_rows)
+        self.bytes = 0
+
+    def write(self, row: dict[str, Any]) -> None:
+        super().write(row)
+        self.bytes += int(row["bytes"])
+
+    def write_batch(self, batch: pa.RecordBatch) -> None:
+        self.flush()
+        self._writer.write_batch(batch.select(SCHEMA.names).cast(SCHEMA))
+        self.rows += batch.num_rows
+        self.bytes += int(pc.sum(batch.column("bytes")).as_py() or 0)
 
 
 def open_corpus(path: Path) -> pq.ParquetFile:

@@ -24,7 +24,6 @@ import sysconfig
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from types import TracebackType
 from typing import Annotated, Any, BinaryIO, Literal
 
 import pyarrow as pa
@@ -626,45 +625,3 @@ def state(src: Source) -> str:
     except (OSError, DataError) as e:
         h.update(f"error\0{e}".encode())
     return h.hexdigest()
-
-
-# --- rejection reports ----------------------------------------------------------------------------
-
-
-class RowWriter:
-    """Stream rows of a fixed schema to a Parquet file (e.g. `rejected.parquet`)."""
-
-    def __init__(self, path: Path, schema: pa.Schema, batch_rows: int = 1024) -> None:
-        self.path = path
-        self.schema = schema
-        self.batch_rows = batch_rows
-        self.rows = 0
-        self._buffer: list[dict[str, Any]] = []
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = pq.ParquetWriter(str(path), schema, compression="zstd")
-
-    def write(self, row: dict[str, Any]) -> None:
-        self._buffer.append(row)
-        self.rows += 1
-        if len(self._buffer) >= self.batch_rows:
-            self.flush()
-
-    def flush(self) -> None:
-        if self._buffer:
-            self._writer.write_table(pa.Table.from_pylist(self._buffer, schema=self.schema))
-            self._buffer = []
-
-    def close(self) -> None:
-        self.flush()
-        self._writer.close()
-
-    def __enter__(self) -> RowWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -17,11 +17,18 @@ from pydantic import BeforeValidator, Field, model_validator
 from albor import progress
 from albor.config import Int
 from albor.data import filters
-from albor.data.corpus import CORPUS_FILE, CorpusWriter, iter_batches, num_rows, require_corpus
-from albor.data.sources import REJECTED_FILE, RowWriter
-from albor.errors import ArtifactError, DataError
+from albor.data.corpus import (
+    CORPUS_FILE,
+    CorpusWriter,
+    RowWriter,
+    iter_batches,
+    num_rows,
+    require_corpus,
+)
+from albor.data.sources import REJECTED_FILE
+from albor.errors import DataError
 from albor.plan import Plan
-from albor.stage import ApplyContext, Outcome, OutputConfig, PlanContext, counts
+from albor.stage import ApplyContext, Outcome, OutputConfig, PlanContext, check_input, counts
 
 NAME = "clean"
 DESCRIPTION = "Filter a corpus with code-aware quality rules; count and list what is dropped."
@@ -135,25 +142,19 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
         "every filter is off: the output will be a copy of the input",
         f"{len(on)} filter(s) on, in order: {', '.join(on)}",
     )
-    if cfg.input is None:
-        p.add("input", "fail", "no input corpus: set `input:` to a corpus artifact directory")
-    elif ctx.is_pending("input"):
-        p.add("input", "ok", ctx.pending_note("input"))
-    else:
-        try:
-            manifest = require_corpus(cfg.input)
-        except ArtifactError as e:
-            p.add("input", "fail", str(e))
-        else:
-            docs = (manifest.get("counts") or {}).get("kept", 0)
-            size = (manifest.get("metrics") or {}).get("bytes_kept")
-            shown = f", {size / 1e6:.1f} MB" if isinstance(size, int | float) else ""
-            p.add("input", "ok", f"{cfg.input} ({docs} documents{shown})")
-            p.estimates["documents_in"] = docs
-            if isinstance(size, int | float):
-                rate = _PARSE_MB_PER_S if cfg.require_valid_ast else _SCAN_MB_PER_S
-                p.estimates["input_mb"] = round(size / 1e6, 2)
-                p.estimates["wall_time_s"] = round(size / 1e6 / rate, 1)
+    manifest = check_input(
+        p, ctx, "input", cfg.input, require_corpus, "a corpus artifact directory"
+    )
+    if manifest is not None:
+        docs = (manifest.get("counts") or {}).get("kept", 0)
+        size = (manifest.get("metrics") or {}).get("bytes_kept")
+        shown = f", {size / 1e6:.1f} MB" if isinstance(size, int | float) else ""
+        p.add("input", "ok", f"{cfg.input} ({docs} documents{shown})")
+        p.estimates["documents_in"] = docs
+        if isinstance(size, int | float):
+            rate = _PARSE_MB_PER_S if cfg.require_valid_ast else _SCAN_MB_PER_S
+            p.estimates["input_mb"] = round(size / 1e6, 2)
+            p.estimates["wall_time_s"] = round(size / 1e6 / rate, 1)
     p.actions.append(f"filter documents, write {CORPUS_FILE} and {REJECTED_FILE} to {cfg.output}")
     return p
 

@@ -14,9 +14,8 @@ from pydantic import Field
 
 from albor.artifact import atomic_write_json
 from albor.config import Int
-from albor.errors import ArtifactError
 from albor.plan import Plan
-from albor.stage import ApplyContext, Outcome, OutputConfig, PlanContext
+from albor.stage import ApplyContext, Outcome, OutputConfig, PlanContext, check_input
 
 NAME = "evaluate"
 INPUTS = ("model", "data")
@@ -37,56 +36,40 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
 
     ctx = ctx or PlanContext()
     p = Plan(NAME)
+    from albor.data.shards import TokenIndex
+
     vocab = None
     seq = cfg.seq_len
-    if cfg.model is None:
-        p.add("model", "fail", "no model: set `model:` to a checkpoint directory")
-    elif ctx.is_pending("model"):
-        p.add("model", "ok", ctx.pending_note("model"))
-    else:
-        try:
-            mc = load_config(cfg.model)
-        except ArtifactError as e:
-            p.add("model", "fail", str(e))
-        else:
-            vocab = mc.vocab_size
-            seq = seq or mc.max_seq_len
+    mc = check_input(p, ctx, "model", cfg.model, load_config, "a checkpoint directory")
+    if mc is not None:
+        vocab = mc.vocab_size
+        seq = seq or mc.max_seq_len
+        p.require(
+            "model",
+            seq <= mc.max_seq_len,
+            f"{cfg.model} (context {mc.max_seq_len})",
+            f"seq_len {seq} exceeds the model's context {mc.max_seq_len}: lower it",
+        )
+    index = check_input(p, ctx, "data", cfg.data, TokenIndex.load, "a tokenize output directory")
+    if index is not None:
+        split = index.splits.get(cfg.split)
+        tokens = split.tokens if split else 0
+        p.require(
+            "data",
+            tokens > (seq or 1),
+            f"{cfg.data}: {tokens:,} {cfg.split} tokens",
+            f"{cfg.data}: the {cfg.split} split has {tokens} tokens, too few to score "
+            "(pick another split or add data)",
+        )
+        p.estimates["tokens_scored"] = min(tokens, cfg.max_tokens)
+        if vocab is not None:
             p.require(
-                "model",
-                seq <= mc.max_seq_len,
-                f"{cfg.model} (context {mc.max_seq_len})",
-                f"seq_len {seq} exceeds the model's context {mc.max_seq_len}: lower it",
+                "vocab",
+                vocab == index.vocab_size,
+                f"{vocab} ids",
+                f"model vocab {vocab} != tokenizer vocab {index.vocab_size}: evaluate "
+                "on data tokenized with the model's tokenizer",
             )
-    if cfg.data is None:
-        p.add("data", "fail", "no data: set `data:` to a tokenize output directory")
-    elif ctx.is_pending("data"):
-        p.add("data", "ok", ctx.pending_note("data"))
-    else:
-        from albor.data.shards import TokenIndex
-
-        try:
-            index = TokenIndex.load(cfg.data)
-        except ArtifactError as e:
-            p.add("data", "fail", str(e))
-        else:
-            split = index.splits.get(cfg.split)
-            tokens = split.tokens if split else 0
-            p.require(
-                "data",
-                tokens > (seq or 1),
-                f"{cfg.data}: {tokens:,} {cfg.split} tokens",
-                f"{cfg.data}: the {cfg.split} split has {tokens} tokens, too few to score "
-                "(pick another split or add data)",
-            )
-            p.estimates["tokens_scored"] = min(tokens, cfg.max_tokens)
-            if vocab is not None:
-                p.require(
-                    "vocab",
-                    vocab == index.vocab_size,
-                    f"{vocab} ids",
-                    f"model vocab {vocab} != tokenizer vocab {index.vocab_size}: evaluate "
-                    "on data tokenized with the model's tokenizer",
-                )
     p.actions.append(f"score the {cfg.split} split; write metrics.json to {cfg.output}")
     return p
 

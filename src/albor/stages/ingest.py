@@ -16,12 +16,11 @@ from pydantic import Field, model_validator
 
 from albor import progress
 from albor.config import Int
-from albor.data.corpus import CORPUS_FILE, CorpusWriter, document
+from albor.data.corpus import CORPUS_FILE, CorpusWriter, RowWriter, document
 from albor.data.sources import (
     REJECTED_FILE,
     JsonlSource,
     ParquetSource,
-    RowWriter,
     Source,
     StdlibSource,
     describe,

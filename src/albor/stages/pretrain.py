@@ -27,7 +27,7 @@ from albor.model.estimate import (
 )
 from albor.model.presets import PRESETS, preset
 from albor.plan import Plan
-from albor.stage import ApplyContext, Outcome, OutputConfig, PlanContext
+from albor.stage import ApplyContext, Outcome, OutputConfig, PlanContext, check_input
 
 NAME = "pretrain"
 INPUTS = ("data",)
@@ -144,18 +144,16 @@ def format_duration(seconds: float) -> str:
 
 
 def _read_index(cfg: Config, p: Plan, ctx: PlanContext) -> Any:
-    if cfg.data is None:
-        p.add("data", "fail", "no data: set `data:` to a tokenize output directory")
-        return None
-    if ctx.is_pending("data"):
-        p.add("data", "ok", ctx.pending_note("data"))
-        return None
     from albor.data.shards import TokenIndex
 
-    try:
-        index = TokenIndex.load(cfg.data)
-    except ArtifactError as e:
-        p.add("data", "fail", f"{e} (run the tokenize stage first)")
+    def load(path: Path) -> TokenIndex:
+        try:
+            return TokenIndex.load(path)
+        except ArtifactError as e:
+            raise ArtifactError(f"{e} (run the tokenize stage first)") from e
+
+    index = check_input(p, ctx, "data", cfg.data, load, "a tokenize output directory")
+    if index is None:
         return None
     train = index.splits.get("train")
     if train is None or train.tokens == 0:

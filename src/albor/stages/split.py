@@ -15,7 +15,7 @@ from pydantic import Field, model_validator
 from albor.data.corpus import CORPUS_FILE, SPLITS, CorpusWriter, iter_batches, require_corpus
 from albor.errors import ArtifactError
 from albor.plan import Plan
-from albor.stage import ApplyContext, Outcome, OutputConfig, PlanContext, counts
+from albor.stage import ApplyContext, Outcome, OutputConfig, PlanContext, check_input, counts
 
 NAME = "split"
 DESCRIPTION = "Split a corpus into train / val / test by document (hash of the content)."
@@ -59,30 +59,23 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
         "val": cfg.val,
         "test": cfg.test,
     }
-    if cfg.input is None:
-        p.add("input", "fail", "no input corpus: set `input:` to a corpus artifact directory")
-    elif ctx.is_pending("input"):
-        p.add("input", "ok", ctx.pending_note("input"))
-    else:
-        try:
-            manifest = require_corpus(cfg.input)
-        except ArtifactError as e:
-            p.add("input", "fail", str(e))
-        else:
-            docs = (manifest.get("counts") or {}).get("kept", 0)
-            p.add("input", "ok", f"{cfg.input} ({docs} documents)")
-            p.estimates["documents"] = {
-                "train": round(docs * (1 - cfg.val - cfg.test)),
-                "val": round(docs * cfg.val),
-                "test": round(docs * cfg.test),
-            }
-            p.warn_if(
-                "val size",
-                cfg.val > 0 and docs * cfg.val < 1,
-                f"about {docs * cfg.val:.1f} validation documents expected: raise `val` or add "
-                "data",
-                "enough documents for a validation split",
-            )
+    manifest = check_input(
+        p, ctx, "input", cfg.input, require_corpus, "a corpus artifact directory"
+    )
+    if manifest is not None:
+        docs = (manifest.get("counts") or {}).get("kept", 0)
+        p.add("input", "ok", f"{cfg.input} ({docs} documents)")
+        p.estimates["documents"] = {
+            "train": round(docs * (1 - cfg.val - cfg.test)),
+            "val": round(docs * cfg.val),
+            "test": round(docs * cfg.test),
+        }
+        p.warn_if(
+            "val size",
+            cfg.val > 0 and docs * cfg.val < 1,
+            f"about {docs * cfg.val:.1f} validation documents expected: raise `val` or add data",
+            "enough documents for a validation split",
+        )
     p.actions.append(f"write {', '.join(s + '.parquet' for s in SPLITS)} to {cfg.output}")
     return p
 

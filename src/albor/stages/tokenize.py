@@ -33,7 +33,7 @@ from albor.data.shards import (
 )
 from albor.errors import ArtifactError
 from albor.plan import Plan
-from albor.stage import ApplyContext, Outcome, OutputConfig, PlanContext, counts
+from albor.stage import ApplyContext, Outcome, OutputConfig, PlanContext, check_input, counts
 
 NAME = "tokenize"
 DESCRIPTION = "Encode the splits into packed uint16/uint32 token shards with an index."
@@ -104,40 +104,31 @@ def _split_sizes(directory: Path, manifest: dict[str, Any], split: str) -> tuple
 def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
     ctx = ctx or PlanContext()
     p = Plan(NAME)
-    sizes: dict[str, tuple[int, int]] | None = None
-    if cfg.corpus is None:
-        p.add("corpus", "fail", "no corpus: set `corpus:` to a split artifact directory")
-    elif ctx.is_pending("corpus"):
-        p.add("corpus", "ok", ctx.pending_note("corpus"))
-    else:
-        try:
-            manifest = require_splits(cfg.corpus)
-            sizes = {s: _split_sizes(cfg.corpus, manifest, s) for s in cfg.splits}
-        except ArtifactError as e:
-            p.add("corpus", "fail", str(e))
-        else:
-            total = sum(b for _, b in sizes.values())
-            p.add("corpus", "ok", f"{cfg.corpus}: {total / 1e6:.1f} MB in {', '.join(cfg.splits)}")
+
+    def split_sizes(path: Path) -> dict[str, tuple[int, int]]:
+        manifest = require_splits(path)
+        return {s: _split_sizes(path, manifest, s) for s in cfg.splits}
+
+    sizes = check_input(p, ctx, "corpus", cfg.corpus, split_sizes, "a split artifact directory")
+    if sizes is not None:
+        total = sum(b for _, b in sizes.values())
+        p.add("corpus", "ok", f"{cfg.corpus}: {total / 1e6:.1f} MB in {', '.join(cfg.splits)}")
 
     vocab: int | None = None
     bytes_per_token = DEFAULT_BYTES_PER_TOKEN
-    if cfg.tokenizer is None:
-        p.add(
-            "tokenizer", "fail", "no tokenizer: set `tokenizer:` to a tokenizer artifact directory"
-        )
-    elif ctx.is_pending("tokenizer"):
-        p.add("tokenizer", "ok", ctx.pending_note("tokenizer"))
-    else:
-        try:
-            tok_manifest = _tokenizer_manifest(cfg.tokenizer)
-            vocab = load_tokenizer(cfg.tokenizer).get_vocab_size()
-        except ArtifactError as e:
-            p.add("tokenizer", "fail", str(e))
-        else:
-            p.add("tokenizer", "ok", f"{cfg.tokenizer}: vocab {vocab}")
-            reported = (tok_manifest.get("metrics") or {}).get("bytes_per_token")
-            if isinstance(reported, (int, float)) and reported > 0:
-                bytes_per_token = float(reported)
+
+    def tokenizer_info(path: Path) -> tuple[dict[str, Any], int]:
+        return _tokenizer_manifest(path), load_tokenizer(path).get_vocab_size()
+
+    found = check_input(
+        p, ctx, "tokenizer", cfg.tokenizer, tokenizer_info, "a tokenizer artifact directory"
+    )
+    if found is not None:
+        tok_manifest, vocab = found
+        p.add("tokenizer", "ok", f"{cfg.tokenizer}: vocab {vocab}")
+        reported = (tok_manifest.get("metrics") or {}).get("bytes_per_token")
+        if isinstance(reported, (int, float)) and reported > 0:
+            bytes_per_token = float(reported)
 
     itemsize = 2
     if vocab is not None:

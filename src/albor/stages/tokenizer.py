@@ -31,7 +31,7 @@ from albor.data.bpe import (
 from albor.data.corpus import iter_batches, num_rows, open_corpus, require_splits
 from albor.errors import ArtifactError, StageFailed
 from albor.plan import Plan
-from albor.stage import ApplyContext, Outcome, OutputConfig, PlanContext
+from albor.stage import ApplyContext, Outcome, OutputConfig, PlanContext, check_input
 
 NAME = "tokenizer"
 DESCRIPTION = "Train a lossless byte-level BPE tokenizer (HF tokenizers) on the train split."
@@ -94,37 +94,33 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
         f"vocab_size {cfg.vocab_size} > 65536: token shards will be uint32 (twice the disk)",
         "token ids fit in uint16",
     )
-    if cfg.input is None:
-        p.add("input", "fail", "no input: set `input:` to a split artifact directory")
-    elif ctx.is_pending("input"):
-        p.add("input", "ok", ctx.pending_note("input"))
+
+    def sizes(path: Path) -> tuple[int, int]:
+        return _split_bytes(path, "train", require_splits(path)), num_rows(path / "val.parquet")
+
+    found = check_input(p, ctx, "input", cfg.input, sizes, "a split artifact directory")
+    if ctx.is_pending("input"):
         p.estimates["train_bytes_used"] = f"at most {cfg.max_train_bytes / 1e6:.1f} MB"
-    else:
-        try:
-            manifest = require_splits(cfg.input)
-            train_bytes = _split_bytes(cfg.input, "train", manifest)
-            val_docs = num_rows(cfg.input / "val.parquet")
-        except ArtifactError as e:
-            p.add("input", "fail", str(e))
-        else:
-            used = min(train_bytes, cfg.max_train_bytes)
-            share = used / train_bytes if train_bytes else 0.0
-            p.add(
-                "input",
-                "ok",
-                f"{cfg.input}: will train on {used / 1e6:.1f} MB of the "
-                f"{train_bytes / 1e6:.1f} MB train split ({share:.0%})",
-            )
-            p.warn_if(
-                "val round trip",
-                val_docs == 0,
-                "the val split is empty, so the round trip cannot be verified on held-out text "
-                "(give split a non-zero `val`)",
-                f"decode(encode(x)) == x will be checked on {val_docs} val documents",
-            )
-            p.estimates["train_bytes"] = train_bytes
-            p.estimates["train_bytes_used"] = used
-            p.estimates["wall_time_s"] = estimate_train_seconds(used)
+    if found is not None:
+        train_bytes, val_docs = found
+        used = min(train_bytes, cfg.max_train_bytes)
+        share = used / train_bytes if train_bytes else 0.0
+        p.add(
+            "input",
+            "ok",
+            f"{cfg.input}: will train on {used / 1e6:.1f} MB of the "
+            f"{train_bytes / 1e6:.1f} MB train split ({share:.0%})",
+        )
+        p.warn_if(
+            "val round trip",
+            val_docs == 0,
+            "the val split is empty, so the round trip cannot be verified on held-out text "
+            "(give split a non-zero `val`)",
+            f"decode(encode(x)) == x will be checked on {val_docs} val documents",
+        )
+        p.estimates["train_bytes"] = train_bytes
+        p.estimates["train_bytes_used"] = used
+        p.estimates["wall_time_s"] = estimate_train_seconds(used)
     p.estimates["vocab_size"] = cfg.vocab_size
     p.estimates["disk_bytes"] = cfg.vocab_size * 80  # vocab + merges JSON
     p.actions.append(
