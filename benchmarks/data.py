@@ -4,6 +4,10 @@ The named baseline, timed in the same run on the same files, is what the work co
 read every file and `ast.parse` it in a plain loop. ingest + clean against that baseline shows the
 overhead of the stages (hashing, Parquet, counting, manifests, the other filters).
 
+`clean` is timed as the pipeline runs it (its plan measures every document once to compare the
+profiles, and apply reuses those measures); `clean_profiles` times each profile's apply alone
+(`plan_sample_rows: 0`, measures forgotten before each), and `clean_plan` the profile comparison.
+
 Run:  PYTHONPATH=src python benchmarks/data.py [--out DIR]
 Prints one JSON object; with --out the artifacts stay in DIR, otherwise in a temp dir.
 """
@@ -29,7 +33,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 import albor.stages.split as split
 from albor import progress
-from albor.data import sources
+from albor.data import filters, sources
 from albor.stage import RunResult, run_stage
 from albor.stages import clean, ingest
 
@@ -91,16 +95,49 @@ def row(result: RunResult, seconds: float, mb_in: float) -> dict[str, Any]:
     }
 
 
+def profiles(out: Path, mb_in: float) -> dict[str, Any]:
+    """Each profile's clean apply on its own, from cold measures."""
+    found = {}
+    for name in filters.PROFILES:
+        filters.MEASURES.clear()
+        cfg = clean.Config(
+            input=out / "ingest", output=out / f"clean-{name}", profile=name, plan_sample_rows=0
+        )
+        result, seconds = timed(clean, cfg)
+        found[name] = {
+            **row(result, seconds, mb_in),
+            "rejected": result.manifest["counts"]["rejected"],
+        }
+    return found
+
+
+def compare(out: Path, mb_in: float) -> dict[str, Any]:
+    """`clean plan`'s profile table on the whole corpus, from cold measures."""
+    filters.MEASURES.clear()
+    t0 = time.perf_counter()
+    p = clean.plan(clean.Config(input=out / "ingest", output=out / "clean-plan"))
+    seconds = time.perf_counter() - t0
+    return {
+        "seconds": round(seconds, 3),
+        "mb_per_s": round(mb_in / seconds, 2),
+        "rows": p.estimates["profiles_sample"]["rows"],
+    }
+
+
 def run(out: Path) -> dict[str, Any]:
     progress.quiet()
     stdlib_mb = sources.scan(sources.StdlibSource(), 1024**2).bytes / MB
     ing, t_ing = timed(ingest, ingest.Config(output=out / "ingest"))
+    filters.MEASURES.clear()
     cln, t_cln = timed(clean, clean.Config(input=out / "ingest", output=out / "clean"))
     spl, t_spl = timed(split, split.Config(input=out / "clean", output=out / "split"))
+    clean_mb = cln.manifest["metrics"]["bytes_in"] / MB
+    by_profile = profiles(out, clean_mb)
+    plan_pass = compare(out, clean_mb)
     base = baseline()
     stages = {
         "ingest": row(ing, t_ing, stdlib_mb),
-        "clean": row(cln, t_cln, cln.manifest["metrics"]["bytes_in"] / MB),
+        "clean": row(cln, t_cln, clean_mb),
         "split": row(spl, t_spl, cln.manifest["metrics"]["bytes_kept"] / MB),
     }
     return {
@@ -109,6 +146,8 @@ def run(out: Path) -> dict[str, Any]:
         "python": platform.python_version(),
         "albor": albor.__version__,
         "stages": stages,
+        "clean_profiles": by_profile,
+        "clean_plan": plan_pass,
         "baseline": base,
         # Same files, same parse: how much longer ingest + clean take than the plain loop.
         "ingest_clean_over_baseline": round((t_ing + t_cln) / base["seconds"], 2),

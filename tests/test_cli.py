@@ -127,3 +127,28 @@ def test_bad_source_fails_cleanly_and_keeps_the_old_output(
         assert code == 1 and message in err and "Traceback" not in err
         assert len(err.strip().splitlines()) == 1
         assert (tmp_path / "out" / "manifest.json").read_bytes() == before
+
+
+def test_data_verify_finds_drift(
+    corpus_artifact: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = corpus_artifact()
+    cfg = tmp_path / "split.yaml"
+    cfg.write_text(f"input: {src}\noutput: {tmp_path / 'work' / 'split'}\n")
+    assert run(["split", "apply", str(cfg)], capsys)[0] == 0
+    code, out, _ = run(["data", "verify", str(tmp_path / "work"), "--json"], capsys)
+    assert code == 0 and json.loads(out)["ok"]
+    split_dir = tmp_path / "work" / "split"
+    (split_dir / "val.parquet").write_bytes(b"tampered")
+    (split_dir / "test.parquet").unlink()
+    (split_dir / "notes.txt").write_text("extra")
+    code, out, _ = run(["data", "verify", str(split_dir), "--json"], capsys)
+    art = json.loads(out)["artifacts"][0]
+    assert code == 1 and not art["ok"]
+    assert (art["modified"], art["missing"], art["extra"]) == (
+        ["val.parquet"],
+        ["test.parquet"],
+        ["notes.txt"],
+    )
+    code, _, err = run(["data", "verify", str(tmp_path / "empty-nothing")], capsys)
+    assert code == 2 and "not a directory" in err

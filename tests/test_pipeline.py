@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 import fakestage
@@ -126,3 +127,26 @@ def test_default_manifest_loads_and_plans() -> None:
         "pretrain",
         "evaluate",
     ]
+
+
+def test_a_list_input_needs_several_stages(tmp_path: Path) -> None:
+    body = """
+stages:
+  a: {uses: fake, with: {texts: ["a = 1\\n"]}}
+  b: {uses: fake, with: {texts: ["b = 2\\n"]}}
+  m:
+    uses: mix
+    needs: [a, b]
+    with: {weights: [2, 1], weighting: upsample}
+  m2:
+    uses: mix
+    needs: {inputs: [b, a]}
+    with: {weights: [1, 1], weighting: upsample}
+"""
+    pipe = load_pipeline(write(tmp_path, body))
+    assert pipe.nodes["m"].upstream == {"inputs": ["a", "b"]}
+    assert [p.name for p in pipe.nodes["m2"].config.inputs] == ["b", "a"]  # type: ignore[attr-defined]
+    pp = plan_pipeline(pipe)
+    assert pp.ok and pp.stages[-1].reason.startswith("upstream")
+    apply_pipeline(pipe)
+    assert pq.read_table(tmp_path / "work" / "m" / "corpus.parquet").num_rows == 3

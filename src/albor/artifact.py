@@ -156,11 +156,27 @@ def outputs_present(directory: Path, manifest: dict[str, Any]) -> bool:
     return True
 
 
-def verify_outputs(directory: Path, manifest: dict[str, Any]) -> list[str]:
-    """Re-hash every output; return the paths whose content drifted from the manifest."""
-    drift = []
-    for out in manifest.get("outputs", []):
-        p = directory / out["path"]
-        if not p.is_file() or sha256_file(p) != out["sha256"]:
-            drift.append(out["path"])
+def verify_outputs(directory: Path, manifest: dict[str, Any]) -> dict[str, list[str]]:
+    """Re-hash every output; return the paths that are `missing`, `modified` (size or sha256
+    differ from the manifest) and `extra` (files the manifest does not list)."""
+    listed = {o["path"]: o for o in manifest.get("outputs", [])}
+    drift: dict[str, list[str]] = {"missing": [], "modified": [], "extra": []}
+    for path, out in listed.items():
+        p = directory / path
+        if not p.is_file():
+            drift["missing"].append(path)
+        elif p.stat().st_size != out["bytes"] or sha256_file(p) != out["sha256"]:
+            drift["modified"].append(path)
+    drift["extra"] = [r.as_posix() for r in list_files(directory) if r.as_posix() not in listed]
     return drift
+
+
+def find_artifacts(root: Path) -> list[Path]:
+    """`root` itself if it is an artifact directory, else every artifact directory below it."""
+    if (root / MANIFEST).is_file():
+        return [root]
+    return sorted(
+        p.parent
+        for p in root.rglob(MANIFEST)
+        if not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )

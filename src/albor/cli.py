@@ -25,7 +25,7 @@ from rich.console import Console
 
 from albor import __version__, progress
 from albor.config import load_config, read_yaml
-from albor.errors import AlborError, ConfigError, PlanFailed
+from albor.errors import AlborError, ArtifactError, ConfigError, PlanFailed
 from albor.plan import Plan
 from albor.stage import DESCRIPTIONS, REGISTRY, PlanContext, StageConfig, load_stage, run_stage
 
@@ -86,10 +86,12 @@ def resolve_stage_config(
     from albor.stage import state_of
 
     pending = {}
-    for field_name, up in node.upstream.items():
-        upnode = pipe.nodes[up]
-        if not state_of(upnode.module, upnode.config).up_to_date:
-            pending[field_name] = up
+    for field_name, ups in node.upstream.items():
+        stale = [
+            u for u in ups if not state_of(pipe.nodes[u].module, pipe.nodes[u].config).up_to_date
+        ]
+        if stale:
+            pending[field_name] = ", ".join(stale)
     return module, node.config, name, PlanContext(pending=pending)
 
 
@@ -179,7 +181,11 @@ def stage_group(kind: str) -> click.Group:
         """List this stage's config keys with their defaults and descriptions."""
         module = load_stage(target)
         for key, field in module.Config.model_fields.items():
-            default = "required" if field.is_required() else repr(field.default)
+            default = (
+                "required"
+                if field.is_required()
+                else repr(field.get_default(call_default_factory=True))
+            )
             out.print(f"[bold]{key}[/] (default {default}): {field.description or ''}")
 
     return group
@@ -338,6 +344,53 @@ def pipeline_status_cmd(
 # ----- other verbs ---------------------------------------------------------------------------
 
 
+@click.group(name="data")
+def data_group() -> None:
+    """Check data artifacts: provenance and integrity."""
+
+
+@data_group.command(name="verify")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def data_verify_cmd(directory: Path, as_json: bool) -> None:
+    """Re-hash every output of the artifact in DIRECTORY (or of every artifact below it, e.g. a
+    pipeline workdir) against its manifest; exit 1 on any drift."""
+    from albor.artifact import find_artifacts, read_manifest, verify_outputs
+
+    if not directory.is_dir():
+        raise ConfigError(f"{directory}: not a directory (give an artifact dir or a workdir)")
+    found = find_artifacts(directory)
+    if not found:
+        raise ArtifactError(f"{directory}: no manifest.json here or below: nothing to verify")
+    report = []
+    for art in found:
+        manifest = read_manifest(art)
+        drift = verify_outputs(art, manifest)
+        report.append(
+            {
+                "artifact": str(art),
+                "stage": manifest["stage"],
+                "files": len(manifest["outputs"]),
+                "ok": not any(drift.values()),
+                **drift,
+            }
+        )
+    ok = all(r["ok"] for r in report)
+    if as_json:
+        emit_json({"ok": ok, "artifacts": report})
+    else:
+        for r in report:
+            if r["ok"]:
+                out.print(f"[green]✓[/] {r['artifact']} ({r['stage']}): {r['files']} files match")
+            else:
+                problems = "; ".join(
+                    f"{k}: {', '.join(r[k])}" for k in ("missing", "modified", "extra") if r[k]
+                )
+                out.print(f"[red]✗[/] {r['artifact']} ({r['stage']}): {problems}")
+    if not ok:
+        raise Exit(1)
+
+
 @click.command(name="recipes")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def recipes_cmd(as_json: bool) -> None:
@@ -436,6 +489,7 @@ for _kind in [*REGISTRY, *ALIASES]:
     cli.add_command(stage_group(_kind))
 cli.add_command(pipeline_group)
 cli.add_command(recipes_cmd)
+cli.add_command(data_group)
 cli.add_command(complete_cmd)
 
 

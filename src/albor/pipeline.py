@@ -44,9 +44,10 @@ class StageSpec(BaseModel):
 
     uses: str = Field(description="Stage type (see `albor --help` for the list).")
     with_: dict[str, Any] = Field(default_factory=dict, alias="with", description="Stage config.")
-    needs: list[str] | dict[str, str] = Field(
+    needs: list[str] | dict[str, str | list[str]] = Field(
         default_factory=list,
-        description="Upstream stages: a list matched to the inputs in order, or input: stage.",
+        description="Upstream stages: a list matched to the inputs in order (all of them for a "
+        "stage whose one input takes a list), or input: stage (or input: [stages]).",
     )
 
 
@@ -65,7 +66,10 @@ class Node:
     kind: str
     module: ModuleType
     config: StageConfig
-    upstream: dict[str, str]  # input field -> stage name
+    upstream: dict[str, list[str]]  # input field -> stage name(s)
+
+    def needs(self) -> set[str]:
+        return {up for ups in self.upstream.values() for up in ups}
 
 
 @dataclass
@@ -82,7 +86,7 @@ class Pipeline:
     def downstream(self, name: str) -> set[str]:
         found = {name}
         for n in self.order:
-            if any(up in found for up in self.nodes[n].upstream.values()):
+            if self.nodes[n].needs() & found:
                 found.add(n)
         return found
 
@@ -160,13 +164,13 @@ def load_pipeline(
         for fld in upstream:
             if fld in cfg_data:
                 raise ConfigError(f"{where}.with.{fld}: set both here and by needs (keep one)")
-        cfg_data.update({fld: str(manifest.workdir / up) for fld, up in upstream.items()})
+        for fld, ups in upstream.items():
+            paths = [str(manifest.workdir / up) for up in ups]
+            cfg_data[fld] = paths if _is_list_field(module, fld) else paths[0]
         cfg_data.setdefault("output", str(manifest.workdir / name))
         config = validate(module.Config, cfg_data, f"{where}.with")
         nodes[name] = Node(name, spec.uses, module, config, upstream)
-    sorter = graphlib.TopologicalSorter(
-        {n: set(node.upstream.values()) for n, node in nodes.items()}
-    )
+    sorter = graphlib.TopologicalSorter({n: node.needs() for n, node in nodes.items()})
     try:
         order = list(sorter.static_order())
     except graphlib.CycleError as e:
@@ -177,17 +181,26 @@ def load_pipeline(
     return Pipeline(manifest, str(path), nodes, order)
 
 
+def _is_list_field(module: ModuleType, field: str) -> bool:
+    annotation = module.Config.model_fields[field].annotation
+    return getattr(annotation, "__origin__", None) is list or "list[" in str(annotation)
+
+
 def _upstream(
     spec: StageSpec, module: ModuleType, name: str, manifest: Manifest, where: str
-) -> dict[str, str]:
+) -> dict[str, list[str]]:
     inputs = input_fields(module)
+    upstream: dict[str, list[str]]
     if isinstance(spec.needs, list):
-        if len(spec.needs) > len(inputs):
+        if len(inputs) == 1 and _is_list_field(module, inputs[0]) and spec.needs:
+            upstream = {inputs[0]: list(spec.needs)}
+        elif len(spec.needs) > len(inputs):
             raise ConfigError(
                 f"{where}.needs: {len(spec.needs)} stages given but '{spec.uses}' takes "
                 f"{len(inputs)} input(s) ({', '.join(inputs) or 'none'})"
             )
-        upstream = dict(zip(inputs, spec.needs, strict=False))
+        else:
+            upstream = {f: [up] for f, up in zip(inputs, spec.needs, strict=False)}
     else:
         unknown = [k for k in spec.needs if k not in inputs]
         if unknown:
@@ -195,14 +208,20 @@ def _upstream(
                 f"{where}.needs: '{unknown[0]}' is not an input of '{spec.uses}' "
                 f"(inputs: {', '.join(inputs) or 'none'})"
             )
-        upstream = dict(spec.needs)
-    for up in upstream.values():
-        if up not in manifest.stages:
-            raise ConfigError(
-                f"{where}.needs: unknown stage '{up}' (stages: {', '.join(manifest.stages)})"
-            )
-        if up == name:
-            raise ConfigError(f"{where}.needs: a stage cannot need itself")
+        upstream = {
+            f: [ups] if isinstance(ups, str) else list(ups) for f, ups in spec.needs.items()
+        }
+        for f, ups in upstream.items():
+            if len(ups) != 1 and not _is_list_field(module, f):
+                raise ConfigError(f"{where}.needs.{f}: '{spec.uses}' takes one stage here")
+    for ups in upstream.values():
+        for up in ups:
+            if up not in manifest.stages:
+                raise ConfigError(
+                    f"{where}.needs: unknown stage '{up}' (stages: {', '.join(manifest.stages)})"
+                )
+            if up == name:
+                raise ConfigError(f"{where}.needs: a stage cannot need itself")
     return upstream
 
 
@@ -283,7 +302,11 @@ def plan_pipeline(
     will_run: dict[str, bool] = {}
     for name in pipe.order:
         node = pipe.nodes[name]
-        pending = {f: up for f, up in node.upstream.items() if will_run.get(up)}
+        pending = {
+            f: ", ".join(u for u in ups if will_run.get(u))
+            for f, ups in node.upstream.items()
+            if any(will_run.get(u) for u in ups)
+        }
         if name not in selected:
             run, reason = False, "not selected"
         elif force or name in forced:

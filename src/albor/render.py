@@ -53,6 +53,8 @@ def plan_view(plan: Plan, title: str | None = None) -> RenderableType:
         est = Table(
             title="estimates", title_justify="left", show_header=False, box=None, padding=(0, 1)
         )
+        est.add_column(no_wrap=True)
+        est.add_column(overflow="fold")
         for key, value in flatten(plan.estimates):
             est.add_row(f"  {key}", fmt_value(value))
         parts.append(est)

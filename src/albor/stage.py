@@ -55,6 +55,9 @@ T = TypeVar("T")
 REGISTRY: dict[str, str] = {
     "ingest": "albor.stages.ingest",
     "clean": "albor.stages.clean",
+    "dedup": "albor.stages.dedup",
+    "decontaminate": "albor.stages.decontaminate",
+    "mix": "albor.stages.mix",
     "split": "albor.stages.split",
     "tokenizer": "albor.stages.tokenizer",
     "tokenize": "albor.stages.tokenize",
@@ -64,8 +67,12 @@ REGISTRY: dict[str, str] = {
 
 # One line per stage type for `albor --help`, kept here so help never imports a stage.
 DESCRIPTIONS: dict[str, str] = {
-    "ingest": "Read .py files (stdlib, dirs, globs, Parquet/JSONL) into a Parquet corpus.",
+    "ingest": "Read .py files (stdlib, dirs, globs, git checkouts, Parquet/JSONL, cached HF "
+    "datasets) into a Parquet corpus.",
     "clean": "Drop documents that fail code-aware quality filters; count every reason.",
+    "dedup": "Remove exact and near-duplicate documents (MinHash LSH); one survivor per cluster.",
+    "decontaminate": "Drop documents sharing n-grams with benchmark prompts or solutions.",
+    "mix": "Mix corpora by upsampling factors or target byte shares, deterministically.",
     "split": "Split a corpus into train / val / test by document (hash of the content).",
     "tokenizer": "Train a ByteLevel BPE tokenizer; verify the round trip on val.",
     "tokenize": "Encode the splits into packed token shards (.npy) with an index.",

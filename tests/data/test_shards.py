@@ -13,8 +13,10 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
 from albor.data.bpe import EOS_ID, plain_text, train_bpe
+from albor.data.fim import FORMATS
 from albor.data.shards import (
     INDEX,
+    FimRecord,
     ShardWriter,
     TokenIndex,
     encode_packed,
@@ -121,6 +123,37 @@ def test_index_load_and_open_split(tok: Tokenizer, tmp_path: Path) -> None:
     assert all(isinstance(a, np.memmap) and a.dtype == np.uint16 for a in train)
     assert sum(len(a) for a in train) == index.splits["train"].tokens
     assert open_split(tmp_path, "test") == [] and index.splits["test"].documents == 0
+
+
+def test_index_records_fim_settings(tok: Tokenizer, tmp_path: Path) -> None:
+    index = _write_index(tmp_path, tok, shard_tokens=16)
+    fim = FimRecord(
+        rate=0.5,
+        spm_rate=0.25,
+        seed=3,
+        splits=["train"],
+        formats=dict(FORMATS),
+        documents={"train": 7, "val": 0, "test": 0},
+    )
+    TokenIndex(**{**index.__dict__, "fim": fim}).write(tmp_path)
+    data = json.loads((tmp_path / INDEX).read_text())
+    assert data["fim"] == {
+        "rate": 0.5,
+        "spm_rate": 0.25,
+        "seed": 3,
+        "splits": ["train"],
+        "formats": FORMATS,
+        "documents": {"train": 7, "val": 0, "test": 0},
+    }
+    assert TokenIndex.load(tmp_path).fim == fim
+    # An index written before FIM existed has no `fim` key and still loads.
+    del data["fim"]
+    (tmp_path / INDEX).write_text(json.dumps(data))
+    assert TokenIndex.load(tmp_path) == index and index.fim is None
+    data["fim"] = {"rate": 0.5}
+    (tmp_path / INDEX).write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="malformed"):
+        TokenIndex.load(tmp_path)
 
 
 def test_reader_rejects_broken_artifacts(tok: Tokenizer, tmp_path: Path) -> None:

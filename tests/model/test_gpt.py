@@ -119,3 +119,14 @@ def test_meta_model_materialises_with_init_weights() -> None:
     assert torch.all(model.model.norm.weight == 1)
     idx = torch.randint(0, 512, (1, 8))
     assert torch.isfinite(model(idx)).all()
+
+
+def test_every_parameter_receives_a_gradient() -> None:
+    # The ALB-038 lesson: a broken backward left most weights untrained while the loss printed.
+    torch.manual_seed(0)
+    model = GPT(preset("tiny", qkv_bias=True))
+    model.init_weights()
+    x = torch.randint(0, 512, (2, 17))
+    model(x[:, :-1], targets=x[:, 1:]).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name

@@ -6,6 +6,8 @@ import faulthandler
 import json
 import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -276,3 +278,120 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         config(tmp_path, {"type": "ftp", "path": "x"})
     assert config(tmp_path, {"type": "stdlib"}, max_file_bytes="2M").max_file_bytes == 2 * 1024**2
     assert ingest.Config().sources[0].type == "stdlib"  # the built-in default corpus
+
+
+def test_encodings_and_binary(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    body = "name = 'café'\nprint(name)\n"
+    (src / "cookie.py").write_bytes(b"# -*- coding: latin-1 -*-\n" + body.encode("latin-1"))
+    (src / "no_cookie.py").write_bytes(body.encode("latin-1"))
+    (src / "klingon.py").write_bytes(b"# coding: klingon\nx = 1\n")
+    (src / "nul.py").write_bytes(b"def f():\n    return 1\n\x00\ndef g():\n    return 2\n")
+    (src / "bom.py").write_bytes(b"\xef\xbb\xbf" + body.encode())
+    out = tmp_path / "out"
+    result = run(config(out, {"type": "dir", "path": str(src)}))
+    assert rejected_by_path(out) == {
+        "klingon.py": "bad_encoding",
+        "no_cookie.py": "invalid_utf8",
+        "nul.py": "binary",
+    }
+    corpus = pq.read_table(out / "corpus.parquet").to_pylist()
+    texts = {row["path"]: row["text"] for row in corpus}
+    # Decoded with the declared codec; stored as UTF-8, so sha256 / bytes are of the UTF-8 text.
+    assert texts == {"bom.py": body, "cookie.py": "# -*- coding: latin-1 -*-\n" + body}
+    cookie = next(r for r in corpus if r["path"] == "cookie.py")
+    assert cookie["bytes"] == len(cookie["text"].encode("utf-8"))
+    assert result.manifest["counts"]["rejected"] == {
+        "bad_encoding": 1,
+        "binary": 1,
+        "invalid_utf8": 1,
+    }
+
+
+def test_five_megabyte_minified_line(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "blob.py").write_text("payload = [" + "0x7f, " * 850_000 + "]\n")
+    (src / "ok.py").write_text(GOOD)
+    out = tmp_path / "out"
+    cfg = config(out, {"type": "dir", "path": str(src)})
+    assert ingest.plan(cfg).checks[-1].status == "warn"  # over max_file_bytes, said up front
+    run(cfg)
+    assert rejected_by_path(out) == {"blob.py": "too_large"}
+    run(config(out, {"type": "dir", "path": str(src)}, max_file_bytes="8M"))
+    assert rejected_by_path(out) == {}  # clean's filters judge it then (tests/stages/test_clean)
+
+
+def git(repo: Path, *args: str) -> None:
+    subprocess.run(
+        ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
+        check=True,
+        capture_output=True,
+    )
+
+
+def test_git_source(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    (repo / "pkg").mkdir(parents=True)
+    (repo / "main.py").write_text(GOOD)
+    util = "import os\n\nprint(os.sep)\n"
+    (repo / "pkg" / "util.py").write_text(util)
+    (repo / "README.md").write_text("# docs\n")
+    git(repo, "init", "-q")
+    git(repo, "add", ".")
+    git(repo, "commit", "-q", "-m", "one")
+    (repo / "scratch.py").write_text("untracked = True\n")
+    head = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+    out = tmp_path / "out"
+    cfg = config(out, {"type": "git", "path": str(repo), "name": "proj"})
+    p = ingest.plan(cfg)
+    assert p.ok and p.estimates["sources"]["proj"] == {
+        "type": "git",
+        "files": 2,
+        "bytes": len(GOOD) + len(util),
+        "commit": head,
+    }
+    result = run(cfg)
+    corpus = pq.read_table(out / "corpus.parquet")
+    assert corpus["path"].to_pylist() == ["main.py", "pkg/util.py"]  # tracked .py only
+    m = result.manifest
+    assert m["metrics"]["sources"]["proj"]["commit"] == head
+    assert m["metrics"]["sources"]["proj"]["dirty"] is False
+    assert m["inputs"][0]["commit"] == head and m["inputs"][0]["type"] == "git"
+    assert ingest.source_state(cfg)["proj"]["commit"] == head
+    assert run(cfg).status == "up to date"
+    (repo / "scratch.py").write_text("still untracked = 1\n")
+    assert run(cfg).status == "up to date"  # untracked files are not the source
+    git(repo, "add", "scratch.py")
+    git(repo, "commit", "-q", "-m", "two")
+    assert state_of(load_stage("ingest"), cfg).reason == "input changed"
+    assert run(cfg).manifest["counts"]["kept"] == 3
+
+
+def test_git_source_that_is_not_a_repo_fails_the_plan(tmp_path: Path) -> None:
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "a.py").write_text(GOOD)
+    out = tmp_path / "out"
+    cfg = config(out, {"type": "git", "path": str(tmp_path / "plain")})
+    p = ingest.plan(cfg)
+    assert not p.ok
+    assert "not a git working tree" in p.failures[0].detail
+    assert "use `type: dir`" in p.failures[0].detail
+    with pytest.raises(PlanFailed, match="not a git working tree"):
+        run(cfg)
+    assert not out.exists() and not partial_dir(out).exists()
+
+
+def test_hf_source_without_datasets_fails_the_plan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if `datasets` were not installed
+    cfg = config(tmp_path / "out", {"type": "hf", "dataset": "bigcode/the-stack-smol"})
+    p = ingest.plan(cfg)
+    assert not p.ok
+    assert "pip install 'albor[hf]'" in p.failures[0].detail
+    assert ingest.source_state(cfg)["hf"]  # the fingerprint never raises

@@ -30,7 +30,23 @@ SCHEMA = pa.schema(
     ]
 )
 CORPUS_FILE = "corpus.parquet"
+REJECTED_FILE = "rejected.parquet"
 SPLITS = ("train", "val", "test")
+
+
+def rejected_schema(*extra: tuple[str, pa.DataType]) -> pa.Schema:
+    """The rejection report of a filtering stage: enough to find the document again and see why
+    (path, source, sha256, bytes, reason), plus the stage's own columns."""
+    return pa.schema(
+        [
+            ("path", pa.string()),
+            ("source", pa.string()),
+            ("sha256", pa.string()),
+            ("bytes", pa.int64()),
+            ("reason", pa.string()),
+            *extra,
+        ]
+    )
 
 
 def document(text: str, path: str, source: str) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 Layout of a token artifact (written by the tokenize stage):
 
-    index.json                 format, vocab_size, dtype, eos_id, tokenizer_sha256, per-split totals
+    index.json                 format, vocab_size, dtype, eos_id, tokenizer_sha256, per-split
+                               totals, and `fim`: the FIM settings and FIM documents per split
     tokenizer.json ...         the tokenizer files the ids belong to
     train/shard-00000.npy      1-D .npy of token ids (uint16 when the vocab fits, else uint32)
     val/shard-00000.npy ...
@@ -10,7 +11,9 @@ Layout of a token artifact (written by the tokenize stage):
 Documents are packed back to back in corpus order, each followed by EOS (id 0). Shards hold exactly
 `shard_tokens` tokens except the last of a split, so a document may continue into the next shard; a
 shard's `documents` and `bytes` count the documents that *end* in it, so they sum to the split's
-totals. A split with no documents has no shard files.
+totals. A split with no documents has no shard files. With FIM on (`albor.data.fim`), a transformed
+document packs as its FIM example (three sentinels and its pieces) followed by the same EOS; its
+`bytes` are still those of the source document.
 """
 
 from __future__ import annotations
@@ -168,17 +171,44 @@ class ShardWriter:
 
 
 @dataclass(frozen=True)
+class FimRecord:
+    """How a token artifact applied fill-in-the-middle: settings, layouts, documents per split.
+
+    `documents[split]` counts the documents packed as FIM examples (0 for splits left plain).
+    """
+
+    rate: float
+    spm_rate: float
+    seed: int
+    splits: list[str]
+    formats: dict[str, str]
+    documents: dict[str, int]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> FimRecord:
+        return cls(
+            rate=float(data["rate"]),
+            spm_rate=float(data["spm_rate"]),
+            seed=int(data["seed"]),
+            splits=[str(s) for s in data["splits"]],
+            formats={str(k): str(v) for k, v in data["formats"].items()},
+            documents={str(k): int(v) for k, v in data["documents"].items()},
+        )
+
+
+@dataclass(frozen=True)
 class TokenIndex:
-    """index.json of a token artifact."""
+    """index.json of a token artifact. `fim` is None for artifacts written without FIM settings."""
 
     vocab_size: int
     dtype: str
     eos_id: int
     tokenizer_sha256: str
     splits: dict[str, SplitInfo]
+    fim: FimRecord | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "format": INDEX_FORMAT,
             "vocab_size": self.vocab_size,
             "dtype": self.dtype,
@@ -186,6 +216,9 @@ class TokenIndex:
             "tokenizer_sha256": self.tokenizer_sha256,
             "splits": {name: asdict(info) for name, info in self.splits.items()},
         }
+        if self.fim is not None:
+            data["fim"] = asdict(self.fim)
+        return data
 
     def write(self, directory: Path) -> None:
         atomic_write_json(directory / INDEX, self.to_json())
@@ -228,6 +261,8 @@ class TokenIndex:
                 eos_id=int(data["eos_id"]),
                 tokenizer_sha256=str(data["tokenizer_sha256"]),
                 splits=splits,
+                # Optional: an index without it predates FIM and holds plain documents only.
+                fim=FimRecord.from_json(data["fim"]) if data.get("fim") is not None else None,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ArtifactError(f"{path}: malformed token index ({type(e).__name__}: {e})") from e

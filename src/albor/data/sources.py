@@ -1,11 +1,16 @@
-"""Where a corpus comes from: the running Python's stdlib, local directories, globs, Parquet, JSONL.
+"""Where a corpus comes from: the running Python's stdlib, local directories, globs, git checkouts,
+Parquet, JSONL and Hugging Face datasets in the local cache.
 
 Every file (or row) a source holds is *seen* once and comes out as a `Read`: its text, or the
 reason it was rejected (`REASONS`). Files are `stat`-ed before they are opened, so FIFOs, devices
 and sockets are never opened (a FIFO would block), oversized files are never read, and directory
-symlinks are not followed, so a symlink loop cannot hang a walk. `scan` counts files and bytes from
-`stat` alone (for plans), and `state` hashes (path, size, mtime) so a fingerprint notices a changed
-source.
+symlinks are not followed, so a symlink loop cannot hang a walk. Bytes are decoded as Python reads
+source (PEP 263): UTF-8, or the codec a coding cookie in the first two lines names; the corpus holds
+the decoded text, and stores it as UTF-8. `scan` counts files and bytes from `stat` alone (for
+plans), and `state` hashes (path, size, mtime) so a fingerprint notices a changed source.
+
+A git source reads only the files git tracks (`git ls-files`, no network) and records the commit;
+an hf source reads a `datasets` dataset from the local cache only, with the Hub switched off.
 
 Sources are typed configs (a pydantic union on `type`), so any stage that reads documents can take
 them: `iter_source(src, max_bytes)` streams `Read`s; nothing here holds a corpus in memory.
@@ -16,12 +21,16 @@ from __future__ import annotations
 import errno
 import gzip
 import hashlib
+import io
 import json
 import os
 import re
 import stat
+import subprocess
 import sysconfig
+import tokenize
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, BinaryIO, Literal
@@ -33,10 +42,12 @@ from pydantic import Field
 from albor.config import StageConfig
 from albor.errors import DataError
 
-# Why a file or row was not kept. Files: the first seven; rows of Parquet / JSONL: the rest, plus
-# binary / invalid_utf8 / empty / too_large, which apply to a row's text as they do to a file's.
+# Why a file or row was not kept. Files: the first eight; rows of Parquet / JSONL / hf: the rest,
+# plus binary / invalid_utf8 / bad_encoding / empty / too_large, which apply to a row's text as they
+# do to a file's.
 BINARY = "binary"
 INVALID_UTF8 = "invalid_utf8"
+BAD_ENCODING = "bad_encoding"
 EMPTY = "empty"
 TOO_LARGE = "too_large"
 UNREADABLE = "unreadable"
@@ -49,6 +60,7 @@ NOT_TEXT = "not_text"
 REASONS = (
     BINARY,
     INVALID_UTF8,
+    BAD_ENCODING,
     EMPTY,
     TOO_LARGE,
     UNREADABLE,
@@ -60,7 +72,6 @@ REASONS = (
     NOT_TEXT,
 )
 
-REJECTED_FILE = "rejected.parquet"
 DEFAULT_INCLUDE = ("**/*.py",)
 # Third-party packages live inside the stdlib directory on most installs; they are not the stdlib.
 STDLIB_EXCLUDE = ("**/site-packages/**", "**/dist-packages/**")
@@ -114,6 +125,23 @@ class GlobSource(_Source):
     )
 
 
+class GitSource(_Source):
+    """The files a git checkout tracks (`git ls-files`), read from its working tree."""
+
+    type: Literal["git"] = Field(
+        default="git", description="A git checkout on disk; only tracked files are read."
+    )
+    path: Path = Field(description="The checkout (or a folder inside it) whose files to read.")
+    include: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_INCLUDE),
+        min_length=1,
+        description="Globs (relative to `path`, `**` for any depth) of the tracked files to read.",
+    )
+    exclude: list[str] = Field(
+        default_factory=list, description="Globs (relative to `path`) of tracked files to skip."
+    )
+
+
 class _TableSource(_Source):
     path: Path = Field(description="The file to read.")
     column: str = Field(
@@ -140,11 +168,37 @@ class JsonlSource(_TableSource):
     )
 
 
+class HfSource(_Source):
+    """A split of a Hugging Face `datasets` dataset, read from the local cache only."""
+
+    type: Literal["hf"] = Field(
+        default="hf", description="A Hugging Face dataset already in the local cache (offline)."
+    )
+    dataset: str = Field(
+        min_length=1,
+        pattern=r"^[\w.-]+(/[\w.-]+)?$",
+        description="Dataset id on the Hub, `org/name`, e.g. `codeparrot/codeparrot-clean`.",
+    )
+    split: str = Field(default="train", min_length=1, description="Split to read.")
+    column: str = Field(
+        default="content", min_length=1, description="Column holding the document text."
+    )
+    config: str | None = Field(
+        default=None, description="Dataset configuration (subset) name; null for the default."
+    )
+    path_column: str | None = Field(
+        default=None,
+        description="Column holding each document's path (default: DATASET:SPLIT:ROW).",
+    )
+
+
 Source = Annotated[
-    StdlibSource | DirSource | GlobSource | ParquetSource | JsonlSource,
+    StdlibSource | DirSource | GlobSource | GitSource | ParquetSource | JsonlSource | HfSource,
     Field(discriminator="type"),
 ]
-FileSource = StdlibSource | DirSource | GlobSource
+FileSource = StdlibSource | DirSource | GlobSource | GitSource
+
+HF_EXTRA = "pip install 'albor[hf]'"
 
 
 def label(src: Source) -> str:
@@ -157,16 +211,21 @@ def stdlib_root() -> Path:
 
 
 def location(src: Source) -> str:
-    """The directory, file or pattern a source reads."""
+    """The directory, file, pattern or dataset a source reads."""
     if isinstance(src, StdlibSource):
         return str(stdlib_root())
     if isinstance(src, GlobSource):
         return src.pattern
+    if isinstance(src, HfSource):
+        return src.dataset
     return str(src.path)
 
 
 def describe(src: Source) -> str:
     """Where a source reads from, in words."""
+    if isinstance(src, HfSource):
+        subset = f" ({src.config})" if src.config else ""
+        return f"hf {src.dataset}{subset} split {src.split}"
     return f"{src.type} {location(src)}"
 
 
@@ -313,7 +372,7 @@ def file_layout(src: FileSource) -> tuple[Path, list[str], list[str]]:
             [*STDLIB_EXCLUDE, *src.exclude],
         )
         where = "stdlib"
-    elif isinstance(src, DirSource):
+    elif isinstance(src, DirSource | GitSource):
         root, include, exclude = src.path.expanduser(), src.include, src.exclude
         where = f"sources[{label(src)}].path"
     else:
@@ -331,11 +390,82 @@ def file_layout(src: FileSource) -> tuple[Path, list[str], list[str]]:
 
 def file_entries(src: FileSource) -> Iterator[Entry]:
     """The files a file source sees; DataError when its root cannot be listed."""
+    if isinstance(src, GitSource):
+        checkout = git_checkout(src)
+        for rel in checkout.files:
+            yield Entry(str(checkout.root / rel), rel)
+        return
     root, include, exclude = file_layout(src)
     try:
         yield from walk(root, include, exclude)
     except OSError as e:
         raise DataError(f"{root}: cannot list directory: {e.strerror} (check permissions)") from e
+
+
+# --- git checkouts --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GitCheckout:
+    """What a git source reads: tracked files under `root` that match its globs, sorted."""
+
+    root: Path
+    commit: str | None  # HEAD; None in a repository without commits
+    files: list[str]  # relative to root
+
+
+def _git(root: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    """Run one local git command in `root`; DataError when git is not installed."""
+    # No prompt can block us, and read-only commands take no optional lock (plans write nothing).
+    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_OPTIONAL_LOCKS": "0"}
+    try:
+        return subprocess.run(
+            ["git", "-C", str(root), *args],
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            check=False,
+        )
+    except FileNotFoundError as e:
+        raise DataError(
+            "git: command not found: install git (e.g. `apt-get install git`) to read a "
+            "`type: git` source, or read the folder with `type: dir`"
+        ) from e
+
+
+def _stderr(result: subprocess.CompletedProcess[bytes]) -> str:
+    return " ".join(result.stderr.decode("utf-8", "replace").split()) or f"exit {result.returncode}"
+
+
+def git_checkout(src: GitSource) -> GitCheckout:
+    """List a git source's tracked files (`git ls-files`, local only) and its HEAD commit.
+
+    DataError when the path is missing, is not inside a git working tree, or git is missing."""
+    root, include, exclude = file_layout(src)
+    where = f"sources[{label(src)}].path"
+    inside = _git(root, "rev-parse", "--is-inside-work-tree")
+    if inside.returncode != 0 or inside.stdout.strip() != b"true":
+        raise DataError(
+            f"{root}: not a git working tree ({_stderr(inside)}): point {where} at a git "
+            "checkout, or use `type: dir` to read every file of the folder"
+        )
+    head = _git(root, "rev-parse", "--verify", "--quiet", "HEAD^{commit}")
+    commit = head.stdout.decode().strip() if head.returncode == 0 else None
+    # -z: paths verbatim (no quoting of unusual names); --cached: what the index tracks.
+    listed = _git(root, "ls-files", "-z", "--cached")
+    if listed.returncode != 0:
+        raise DataError(f"{root}: `git ls-files` failed: {_stderr(listed)}")
+    matcher = _Matcher(include, exclude)
+    # A path in a merge conflict is listed once per stage; a set keeps one.
+    tracked = sorted({os.fsdecode(p) for p in listed.stdout.split(b"\0") if p})
+    return GitCheckout(root, commit, [rel for rel in tracked if matcher.wants_file(rel)])
+
+
+def git_dirty(src: GitSource) -> bool:
+    """True when tracked files differ from the commit (what ingest reads is the working tree)."""
+    root = src.path.expanduser()
+    status = _git(root, "status", "--porcelain", "-z", "--untracked-files=no")
+    return status.returncode != 0 or bool(status.stdout.strip(b"\0"))
 
 
 # --- reading --------------------------------------------------------------------------------------
@@ -362,14 +492,27 @@ def stat_reason(st: os.stat_result, max_bytes: int) -> str | None:
 
 
 def decode(data: bytes) -> tuple[str | None, str | None]:
-    """(text, None) for usable source bytes, (None, reason) otherwise."""
+    """(text, None) for usable source bytes, (None, reason) otherwise.
+
+    Decoded as Python decodes a source file (`tokenize.detect_encoding`, PEP 263): UTF-8, without
+    its BOM, unless a coding cookie in the first two lines names another codec. A cookie naming a
+    codec Python does not know, or a BOM contradicting the cookie, is `bad_encoding`; bytes that
+    are not UTF-8 where no cookie says otherwise are `invalid_utf8`."""
     if b"\0" in data:
         return None, BINARY
     try:
-        text = data.decode("utf-8")
+        encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
+    except SyntaxError as e:
+        # "invalid or missing encoding declaration": a first line that is not UTF-8 and holds no
+        # cookie. Anything else ("unknown encoding: x", "encoding problem: utf-8") is the cookie.
+        return None, INVALID_UTF8 if "invalid or missing" in str(e) else BAD_ENCODING
+    try:
+        text = data.decode(encoding)
+    except LookupError:  # a codec that is not a text encoding, such as rot13 or hex
+        return None, BAD_ENCODING
     except UnicodeDecodeError:
-        return None, INVALID_UTF8
-    # A BOM is an encoding marker, not code; the model should not learn to emit it.
+        return None, INVALID_UTF8 if encoding in ("utf-8", "utf-8-sig") else BAD_ENCODING
+    # utf-8-sig drops a BOM; another codec may decode one, and the model should not learn it.
     text = text.removeprefix("\ufeff")
     if not text.strip():
         return None, EMPTY
@@ -377,7 +520,7 @@ def decode(data: bytes) -> tuple[str | None, str | None]:
 
 
 def read_file(path: str, max_bytes: int) -> tuple[str | None, str | None]:
-    """Read one file as UTF-8 source: (text, None) or (None, reason). Never blocks on a FIFO."""
+    """Read one source file: (text, None) or (None, reason). Never blocks on a FIFO."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -461,6 +604,18 @@ def open_parquet(src: ParquetSource) -> pq.ParquetFile:
     return pf
 
 
+def read_value(where: str, value: str | bytes | None, max_bytes: int) -> Read:
+    """One cell of a text (or binary) column: null, bytes decoded as a file's, or text checked."""
+    if value is None:
+        return Read(where, None, NULL_TEXT)
+    if isinstance(value, bytes):
+        if len(value) > max_bytes:
+            return Read(where, None, TOO_LARGE)
+        text, reason = decode(value)
+        return Read(where, text, reason)
+    return check_text(where, value, max_bytes)
+
+
 def _iter_parquet(src: ParquetSource, max_bytes: int, batch_rows: int) -> Iterator[Read]:
     pf = open_parquet(src)
     path = src.path.expanduser()
@@ -473,16 +628,7 @@ def _iter_parquet(src: ParquetSource, max_bytes: int, batch_rows: int) -> Iterat
             for value, given in zip(texts, paths, strict=True):
                 where = str(given) if given is not None else f"{path.name}:{row}"
                 row += 1
-                if value is None:
-                    yield Read(where, None, NULL_TEXT)
-                elif isinstance(value, bytes):
-                    if len(value) > max_bytes:
-                        yield Read(where, None, TOO_LARGE)
-                    else:
-                        text, reason = decode(value)
-                        yield Read(where, text, reason)
-                else:
-                    yield check_text(where, value, max_bytes)
+                yield read_value(where, value, max_bytes)
     except (OSError, pa.ArrowException) as e:
         raise DataError(
             f"{path}: corrupt Parquet data after row {row} ({e}): re-export the file"
@@ -532,12 +678,106 @@ def _iter_jsonl(src: JsonlSource, max_bytes: int) -> Iterator[Read]:
         raise DataError(f"{path}: cannot read: {e} (check the file)") from e
 
 
+# --- Hugging Face datasets (local cache only) -----------------------------------------------------
+
+
+@contextmanager
+def _hub_offline(datasets: Any) -> Iterator[None]:
+    """Switch the Hub off for `datasets` and `huggingface_hub` while loading, as the environment
+    variables HF_DATASETS_OFFLINE=1 / HF_HUB_OFFLINE=1 would. Both libraries read those once, at
+    import, so once either is imported only their module settings still count; they are put back
+    afterwards, so no one else's later download is refused."""
+    import huggingface_hub.constants as hub
+
+    switches = [
+        (datasets.config, "HF_HUB_OFFLINE"),
+        (datasets.config, "HF_DATASETS_OFFLINE"),
+        (hub, "HF_HUB_OFFLINE"),
+    ]
+    saved = [(obj, key, getattr(obj, key)) for obj, key in switches if hasattr(obj, key)]
+    for obj, key, _ in saved:
+        setattr(obj, key, True)
+    try:
+        yield
+    finally:
+        for obj, key, value in saved:
+            setattr(obj, key, value)
+
+
+def load_hf(src: HfSource) -> Any:
+    """The `datasets.Dataset` of an hf source, from the local cache with the Hub off.
+
+    DataError when `datasets` is not installed (naming the extra), the dataset, split or config is
+    not in the cache, or the column is missing or not text."""
+    name = label(src)
+    try:
+        import datasets
+    except ImportError as e:
+        raise DataError(
+            f"sources[{name}]: reading dataset {src.dataset} needs the optional `datasets` "
+            f"package: {HF_EXTRA}"
+        ) from e
+    cache = datasets.config.HF_DATASETS_CACHE
+    with _hub_offline(datasets):
+        try:
+            ds = datasets.load_dataset(
+                src.dataset,
+                src.config,
+                split=src.split,
+                download_mode="reuse_cache_if_exists",
+            )
+        except (ConnectionError, FileNotFoundError) as e:  # what offline mode raises when absent
+            raise DataError(
+                f"dataset {src.dataset} is not in the local HF cache ({cache}): download it on a "
+                "machine with network, or use a parquet source"
+            ) from e
+        except (ValueError, KeyError) as e:  # an unknown split or config of a cached dataset
+            raise DataError(
+                f"dataset {src.dataset}: {e} (check sources[{name}].split and .config)"
+            ) from e
+        except Exception as e:  # anything else `datasets` raises, e.g. a damaged cache entry
+            raise DataError(
+                f"dataset {src.dataset}: cannot load it from the local HF cache ({cache}): "
+                f"{type(e).__name__}: {e}"
+            ) from e
+    columns = list(ds.column_names)
+    for key, value in (("column", src.column), ("path_column", src.path_column)):
+        if value is not None and value not in columns:
+            raise DataError(
+                f"dataset {src.dataset}: no column '{value}' (columns: {', '.join(columns)}): "
+                f"set sources[{name}].{key} to one of them"
+            )
+    kind = getattr(ds.features[src.column], "dtype", None)
+    if kind not in ("string", "large_string", "binary", "large_binary"):
+        raise DataError(
+            f"dataset {src.dataset}: column '{src.column}' holds {ds.features[src.column]}, not "
+            f"text: set sources[{name}].column to the column with the source code"
+        )
+    return ds
+
+
+def _iter_hf(src: HfSource, max_bytes: int, batch_rows: int) -> Iterator[Read]:
+    ds = load_hf(src)
+    columns = [src.column] + ([src.path_column] if src.path_column else [])
+    row = 0
+    for batch in ds.select_columns(columns).with_format("arrow").iter(batch_size=batch_rows):
+        texts = batch.column(src.column).to_pylist()
+        paths = batch.column(src.path_column).to_pylist() if src.path_column else None
+        for i, value in enumerate(texts):
+            given = paths[i] if paths is not None else None
+            where = str(given) if given is not None else f"{src.dataset}:{src.split}:{row}"
+            row += 1
+            yield read_value(where, value, max_bytes)
+
+
 def iter_source(src: Source, max_bytes: int, batch_rows: int = 1024) -> Iterator[Read]:
     """Every file or row of `src`, once, in a stable order; DataError for an unusable source."""
     if isinstance(src, ParquetSource):
         return _iter_parquet(src, max_bytes, batch_rows)
     if isinstance(src, JsonlSource):
         return _iter_jsonl(src, max_bytes)
+    if isinstance(src, HfSource):
+        return _iter_hf(src, max_bytes, batch_rows)
     return _iter_files(src, max_bytes)
 
 
@@ -583,6 +823,11 @@ def scan(src: Source, max_bytes: int) -> Scan:
         if size == 0:
             raise DataError(f"{path}: empty JSONL file (point the source at data)")
         return Scan(None, size, unit="lines")
+    if isinstance(src, HfSource):
+        ds = load_hf(src)
+        if len(ds) == 0:
+            raise DataError(f"dataset {src.dataset}: split {src.split} holds no rows")
+        return Scan(len(ds), int(ds.data.column(src.column).nbytes), unit="rows")
     files = total = too_large = 0
     for entry in file_entries(src):
         files += 1
@@ -597,8 +842,9 @@ def scan(src: Source, max_bytes: int) -> Scan:
                 total += st.st_size
     if files == 0:
         root, include, _ = file_layout(src)
+        what = "tracked file" if isinstance(src, GitSource) else "file"
         raise DataError(
-            f"{root}: no file matches {' or '.join(include)} "
+            f"{root}: no {what} matches {' or '.join(include)} "
             f"(sources[{label(src)}]: check the path and the include patterns)"
         )
     return Scan(files, total, too_large)
@@ -607,15 +853,24 @@ def scan(src: Source, max_bytes: int) -> Scan:
 def state(src: Source) -> str:
     """sha256 over (path, size, mtime_ns) of what `src` reads: changes when any of it changes.
 
-    Never raises: a source that cannot be listed hashes to its error, so the fingerprint still
-    differs from that of a source that can.
+    A git source also hashes its commit; an hf source, the cache files of its split. Never raises:
+    a source that cannot be listed hashes to its error, so the fingerprint still differs from that
+    of a source that can.
     """
     h = hashlib.sha256()
     try:
         if isinstance(src, ParquetSource | JsonlSource):
             st = os.stat(src.path.expanduser())
             h.update(f"{src.path}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+        elif isinstance(src, HfSource):
+            ds = load_hf(src)
+            h.update(f"{src.dataset}\0{src.config}\0{src.split}\0{len(ds)}\n".encode())
+            for f in ds.cache_files:
+                st = os.stat(f["filename"])
+                h.update(f"{f['filename']}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         else:
+            if isinstance(src, GitSource):
+                h.update(f"commit\0{git_checkout(src).commit}\n".encode())
             for entry in file_entries(src):
                 try:
                     st = os.stat(entry.path)

@@ -1,9 +1,12 @@
 """ingest: read source files and tables into one Parquet corpus, counting every file it rejects.
 
 Sources (`data/sources.py`): the running Python's stdlib (the built-in default corpus), local
-directories, globs, and Parquet / JSONL files with a text column. Every file or row seen is either
-kept (a row of `corpus.parquet`) or rejected with a reason (a row of `rejected.parquet`), so
-in == kept + rejected. The plan looks only at `stat` results and Parquet footers.
+directories, globs, the tracked files of git checkouts, Parquet / JSONL files with a text column,
+and Hugging Face datasets already in the local cache. Files are decoded as Python decodes source
+(UTF-8, or the codec of a PEP 263 coding cookie). Every file or row seen is either kept (a row of
+`corpus.parquet`) or rejected with a reason (a row of `rejected.parquet`), so
+in == kept + rejected. The plan looks only at `stat` results, Parquet footers, `git ls-files` and
+the datasets cache; a git source's commit is recorded in the metrics and the fingerprint.
 """
 
 from __future__ import annotations
@@ -16,14 +19,17 @@ from pydantic import Field, model_validator
 
 from albor import progress
 from albor.config import Int
-from albor.data.corpus import CORPUS_FILE, CorpusWriter, RowWriter, document
+from albor.data.corpus import CORPUS_FILE, REJECTED_FILE, CorpusWriter, RowWriter, document
 from albor.data.sources import (
-    REJECTED_FILE,
+    GitSource,
+    HfSource,
     JsonlSource,
     ParquetSource,
     Source,
     StdlibSource,
     describe,
+    git_checkout,
+    git_dirty,
     iter_source,
     label,
     location,
@@ -35,7 +41,10 @@ from albor.plan import Plan
 from albor.stage import ApplyContext, Outcome, OutputConfig, PlanContext, counts
 
 NAME = "ingest"
-DESCRIPTION = "Read .py files, directories, globs, Parquet or JSONL into a Parquet corpus."
+DESCRIPTION = (
+    "Read .py files (stdlib, dirs, globs, git checkouts), Parquet, JSONL or cached HF datasets "
+    "into a Parquet corpus."
+)
 INPUTS: tuple[str, ...] = ()
 
 REJECTED_SCHEMA = pa.schema(
@@ -56,8 +65,11 @@ class Config(OutputConfig):
     sources: list[Source] = Field(
         default_factory=_default_sources,
         min_length=1,
-        description="Where documents come from: a list of {type: stdlib | dir | glob | parquet | "
-        "jsonl, ...}; default: the running Python's standard library.",
+        description="Where documents come from: a list of {type: stdlib | dir | glob | git | "
+        "parquet | jsonl | hf, ...}; default: the running Python's standard library. "
+        "git: {path, include, exclude} reads the tracked files of a checkout; hf: {dataset, "
+        "split, column, config, path_column} reads a dataset from the local HF cache only "
+        "(needs `pip install 'albor[hf]'`).",
     )
     max_file_bytes: Int = Field(
         default=1024**2,
@@ -82,9 +94,23 @@ class Config(OutputConfig):
         return self
 
 
-def source_state(cfg: Config) -> dict[str, str]:
-    """(path, size, mtime) digest of every source, so a changed file re-runs the stage."""
-    return {label(src): state(src) for src in cfg.sources}
+def source_state(cfg: Config) -> dict[str, Any]:
+    """(path, size, mtime) digest of every source, so a changed file re-runs the stage; a git
+    source also names its commit."""
+    found: dict[str, Any] = {}
+    for src in cfg.sources:
+        found[label(src)] = state(src)
+        if isinstance(src, GitSource):
+            found[label(src)] = {"commit": _commit(src), "files": found[label(src)]}
+    return found
+
+
+def _commit(src: GitSource) -> str | None:
+    """HEAD of a git source, or None when it cannot be read (the plan reports why)."""
+    try:
+        return git_checkout(src).commit
+    except DataError:
+        return None
 
 
 def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
@@ -101,6 +127,8 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
             continue
         p.add(f"source {name}", "ok", f"{describe(src)}: {s.detail}")
         per[name] = {"type": src.type, s.unit: s.items, "bytes": s.bytes}
+        if isinstance(src, GitSource):
+            per[name]["commit"] = _commit(src)
         if s.items is None:
             counted = False
         else:
@@ -149,6 +177,9 @@ def apply(cfg: Config, ctx: ApplyContext) -> Outcome:
                     n_kept += 1
                     n_bytes += doc["bytes"]
             per[name] = {**counts(n_kept + mine.total(), n_kept, dict(mine)), "bytes": n_bytes}
+            if isinstance(src, GitSource):
+                # What was read is the working tree: say whether it matches the commit.
+                per[name] |= {"commit": _commit(src), "dirty": git_dirty(src)}
             kept += n_kept
             rejected += mine
         bytes_kept = corpus.bytes
@@ -158,18 +189,23 @@ def apply(cfg: Config, ctx: ApplyContext) -> Outcome:
             f"ingest: none of the {total} files or rows seen was kept "
             f"({_reasons(rejected)}): check the sources and max_file_bytes"
         )
-    files = all(not isinstance(s, ParquetSource | JsonlSource) for s in cfg.sources)
+    files = all(not isinstance(s, ParquetSource | JsonlSource | HfSource) for s in cfg.sources)
     unit = "files" if files else "documents"
     return Outcome(
         summary=f"{total} {unit} in, {kept} kept ({bytes_kept / 1e6:.1f} MB), "
         f"{rejected.total()} rejected" + (f" ({_reasons(rejected)})" if rejected else ""),
         counts=counts(total, kept, dict(rejected)),
         metrics={"bytes_kept": bytes_kept, "sources": per},
-        sources=[
-            {"name": label(s), "type": s.type, "path": location(s), "digest": state(s)}
-            for s in cfg.sources
-        ],
+        sources=[_provenance(s, per[label(s)]) for s in cfg.sources],
     )
+
+
+def _provenance(src: Source, metrics: dict[str, Any]) -> dict[str, Any]:
+    """A source as the manifest's inputs list it: where, and a digest of what was read."""
+    entry = {"name": label(src), "type": src.type, "path": location(src), "digest": state(src)}
+    if "commit" in metrics:
+        entry["commit"] = metrics["commit"]
+    return entry
 
 
 def _reasons(rejected: Counter[str]) -> str:

@@ -12,7 +12,14 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from albor.data.corpus import CORPUS_FILE, SPLITS, CorpusWriter, iter_batches, require_corpus
+from albor.data.corpus import (
+    CORPUS_FILE,
+    SPLITS,
+    CorpusWriter,
+    iter_batches,
+    num_rows,
+    require_corpus,
+)
 from albor.errors import ArtifactError
 from albor.plan import Plan
 from albor.stage import ApplyContext, Outcome, OutputConfig, PlanContext, check_input, counts
@@ -59,11 +66,13 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
         "val": cfg.val,
         "test": cfg.test,
     }
-    manifest = check_input(
-        p, ctx, "input", cfg.input, require_corpus, "a corpus artifact directory"
-    )
-    if manifest is not None:
-        docs = (manifest.get("counts") or {}).get("kept", 0)
+
+    def rows(path: Path) -> int:
+        require_corpus(path)
+        return num_rows(path / CORPUS_FILE)  # rows, repeats included (mix upsamples)
+
+    docs = check_input(p, ctx, "input", cfg.input, rows, "a corpus artifact directory")
+    if docs is not None:
         p.add("input", "ok", f"{cfg.input} ({docs} documents)")
         p.estimates["documents"] = {
             "train": round(docs * (1 - cfg.val - cfg.test)),

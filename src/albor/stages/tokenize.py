@@ -4,6 +4,12 @@ Documents are encoded in parallel by the Rust tokenizer (`encode_batch_fast` on 
 packed in corpus order with EOS after each, and written shard by shard, so memory holds one shard
 and one encode batch. Special-token spellings inside a document are encoded as plain text: the only
 EOS ids in a shard are the document separators.
+
+With `fim.rate > 0`, documents of the splits in `fim.splits` (default: train only, so val / test
+bits per byte stay comparable with plain runs) become fill-in-the-middle examples at that rate
+before packing (`albor.data.fim`: layouts, span choice, seeding); the other documents, and every
+document of the other splits, take the plain path unchanged. index.json records the settings and
+the number of FIM documents per split.
 """
 
 from __future__ import annotations
@@ -20,10 +26,12 @@ from tokenizers import Tokenizer
 
 from albor import progress
 from albor.artifact import read_manifest, sha256_file
-from albor.config import Int
+from albor.config import Int, StageConfig
 from albor.data.bpe import EOS_ID, TOKENIZER_FILES, TOKENIZER_JSON, load_tokenizer, plain_text
 from albor.data.corpus import SPLITS, iter_batches, num_rows, open_corpus, require_splits
+from albor.data.fim import FORMATS, SENTINELS_PER_DOCUMENT, Draw, FimSettings, encode_packed_fim
 from albor.data.shards import (
+    FimRecord,
     ShardWriter,
     SplitInfo,
     TokenIndex,
@@ -50,6 +58,53 @@ def _all_splits() -> list[SplitName]:
     return ["train", "val", "test"]
 
 
+def _train_only() -> list[SplitName]:
+    return ["train"]
+
+
+def _distinct_splits(value: list[SplitName]) -> list[SplitName]:
+    if len(set(value)) != len(value):
+        raise ValueError("a split is listed twice: list each once")
+    return value
+
+
+class FimConfig(StageConfig):
+    """Fill-in-the-middle settings of the tokenize stage (off unless `rate` > 0)."""
+
+    rate: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Fraction of documents turned into FIM examples (0: FIM off; StarCoder "
+        "trained with 0.5).",
+    )
+    spm_rate: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="Fraction of FIM examples in SPM layout "
+        "(<|fim_suffix|>suffix<|fim_prefix|>prefix<|fim_middle|>middle); the rest are PSM.",
+    )
+    seed: int = Field(
+        0,
+        description="Seed of the FIM draws; with each document's sha256 and position it fixes "
+        "which documents are cut, where, and in which layout.",
+    )
+    splits: list[SplitName] = Field(
+        default_factory=_train_only,
+        description="Splits whose documents may become FIM examples (default: train only, so "
+        "val / test bits per byte stay comparable).",
+    )
+
+    _distinct = field_validator("splits")(_distinct_splits)
+
+    def settings(self) -> FimSettings:
+        return FimSettings(rate=self.rate, spm_rate=self.spm_rate, seed=self.seed)
+
+    def applies_to(self, split: str) -> bool:
+        return self.rate > 0 and split in self.splits
+
+
 class Config(OutputConfig):
     corpus: Path | None = Field(
         None, description="Split artifact directory (train / val / test Parquet, from split)."
@@ -64,15 +119,18 @@ class Config(OutputConfig):
         default_factory=_all_splits, description="Splits to encode (default: all three)."
     )
     batch_rows: int = Field(1024, gt=0, description="Rows per record batch while streaming.")
+    fim: FimConfig = Field(
+        default_factory=FimConfig,
+        description="Fill-in-the-middle transform applied per document before packing: "
+        "{rate, spm_rate, seed, splits}; off by default (rate 0).",
+    )
 
     @field_validator("splits")
     @classmethod
     def _distinct(cls, value: list[SplitName]) -> list[SplitName]:
         if not value:
             raise ValueError("name at least one split (train, val, test)")
-        if len(set(value)) != len(value):
-            raise ValueError("a split is listed twice: list each once")
-        return value
+        return _distinct_splits(value)
 
 
 def _tokenizer_manifest(directory: Path) -> dict[str, Any]:
@@ -144,8 +202,34 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
         p.estimates["dtype"] = "uint16 if the vocab is at most 65536, else uint32"
 
     p.estimates["bytes_per_token"] = bytes_per_token
+    fim_splits = [s for s in cfg.splits if cfg.fim.applies_to(s)]
+    p.estimates["fim"] = {
+        **cfg.fim.settings().to_json(),
+        "splits": fim_splits,
+        "formats": dict(FORMATS) if fim_splits else {},
+    }
+    if cfg.fim.rate > 0:
+        p.warn_if(
+            "fim",
+            not fim_splits,
+            f"fim.rate is {cfg.fim.rate:g} but none of fim.splits ({', '.join(cfg.fim.splits)}) "
+            "is encoded: no document will become FIM (add the split to `splits` or `fim.splits`)",
+            f"FIM on {', '.join(fim_splits)}",
+        )
+        p.warn_if(
+            "fim splits",
+            any(s != "train" for s in fim_splits),
+            "FIM on val/test: their bits per byte are no longer comparable with plain runs "
+            "(keep fim.splits: [train] unless that is the point)",
+            "val / test stay plain",
+        )
     if sizes is not None:
-        tokens = {s: round(b / bytes_per_token) + d for s, (d, b) in sizes.items()}
+        fim_docs = {s: round(sizes[s][0] * cfg.fim.rate) if s in fim_splits else 0 for s in sizes}
+        p.estimates["fim"]["documents"] = fim_docs
+        tokens = {
+            s: round(b / bytes_per_token) + d + SENTINELS_PER_DOCUMENT * fim_docs[s]
+            for s, (d, b) in sizes.items()
+        }
         p.estimates["documents"] = {s: d for s, (d, _) in sizes.items()}
         p.estimates["tokens"] = tokens
         p.estimates["shards"] = {s: math.ceil(t / cfg.shard_tokens) for s, t in tokens.items()}
@@ -160,6 +244,11 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
                 "the train split is empty: pretraining will have nothing to read",
                 f"about {tokens['train']:,} train tokens",
             )
+    if fim_splits:
+        p.actions.append(
+            f"turn a {cfg.fim.rate:g} fraction of the {', '.join(fim_splits)} documents into FIM "
+            f"examples ({cfg.fim.spm_rate:g} of them SPM, the rest PSM; seed {cfg.fim.seed})"
+        )
     p.actions.append(
         f"encode {', '.join(cfg.splits)} into shards of {cfg.shard_tokens:,} tokens under "
         f"{cfg.output}, with index.json and the tokenizer files"
@@ -168,21 +257,45 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
 
 
 def encode_split(
-    tok: Tokenizer, corpus: Path, split: str, writer: ShardWriter, batch_rows: int
-) -> tuple[int, SplitInfo]:
-    """Encode one split into `writer`; returns (documents read, what was written)."""
+    tok: Tokenizer,
+    corpus: Path,
+    split: str,
+    writer: ShardWriter,
+    batch_rows: int,
+    fim: FimSettings | None = None,
+) -> tuple[int, SplitInfo, int]:
+    """Encode one split into `writer`, FIM-transforming documents when `fim` is given.
+
+    Returns (documents read, what was written, documents packed as FIM examples).
+    """
     path = corpus / f"{split}.parquet"
-    read = 0
+    columns = ["text", "bytes"] if fim is None else ["text", "bytes", "sha256"]
+    read = fim_docs = 0
     with progress.bar(f"tokenize {split}", num_rows(path)) as bar:
-        for batch in iter_batches(path, ["text", "bytes"], batch_rows):
+        for batch in iter_batches(path, columns, batch_rows):
             texts = batch.column("text").to_pylist()
             sizes = batch.column("bytes").to_pylist()
-            for chunk, chunk_sizes in text_batches(texts, sizes):
-                ids, lengths = encode_packed(tok, chunk, writer.dtype, EOS_ID)
-                writer.write(ids, lengths, chunk_sizes)
+            if fim is None:
+                for chunk, chunk_sizes in text_batches(texts, sizes):
+                    ids, lengths = encode_packed(tok, chunk, writer.dtype, EOS_ID)
+                    writer.write(ids, lengths, chunk_sizes)
+            else:
+                hashes = batch.column("sha256").to_pylist()
+                # The position in the split keys the draw, so copies of a document differ.
+                draws = [
+                    fim.draw(len(text), sha, read + i)
+                    for i, (text, sha) in enumerate(zip(texts, hashes, strict=True))
+                ]
+                fim_docs += sum(d is not None for d in draws)
+                start = 0
+                for chunk, chunk_sizes in text_batches(texts, sizes):
+                    chunk_draws: list[Draw | None] = draws[start : start + len(chunk)]
+                    start += len(chunk)
+                    ids, lengths = encode_packed_fim(tok, chunk, chunk_draws, writer.dtype, EOS_ID)
+                    writer.write(ids, lengths, chunk_sizes)
             read += len(texts)
             bar.advance(len(texts))
-    return read, writer.close()
+    return read, writer.close(), fim_docs
 
 
 def apply(cfg: Config, ctx: ApplyContext) -> Outcome:
@@ -195,13 +308,25 @@ def apply(cfg: Config, ctx: ApplyContext) -> Outcome:
         shutil.copyfile(cfg.tokenizer / name, ctx.out / name)
 
     splits: dict[str, SplitInfo] = {}
+    fim_docs: dict[str, int] = {}
     documents_in = 0
     t0 = time.perf_counter()
     for split in (s for s in SPLITS if s in cfg.splits):
         writer = ShardWriter(ctx.out, split, cfg.shard_tokens, dtype)
-        read, splits[split] = encode_split(tok, cfg.corpus, split, writer, cfg.batch_rows)
+        fim = cfg.fim.settings() if cfg.fim.applies_to(split) else None
+        read, splits[split], fim_docs[split] = encode_split(
+            tok, cfg.corpus, split, writer, cfg.batch_rows, fim
+        )
         documents_in += read
     seconds = time.perf_counter() - t0
+    fim_record = FimRecord(
+        rate=cfg.fim.rate,
+        spm_rate=cfg.fim.spm_rate,
+        seed=cfg.fim.seed,
+        splits=[s for s in splits if cfg.fim.applies_to(s)],
+        formats={str(mode): layout for mode, layout in FORMATS.items()},
+        documents=fim_docs,
+    )
 
     TokenIndex(
         vocab_size=vocab,
@@ -209,20 +334,27 @@ def apply(cfg: Config, ctx: ApplyContext) -> Outcome:
         eos_id=EOS_ID,
         tokenizer_sha256=sha256_file(ctx.out / TOKENIZER_JSON),
         splits=splits,
+        fim=fim_record,
     ).write(ctx.out)
 
     written = sum(s.documents for s in splits.values())
     total_bytes = sum(s.bytes for s in splits.values())
-    # Bytes per token of the text alone: the EOS separators are not text.
-    text_tokens = sum(s.tokens - s.documents for s in splits.values())
+    # Bytes per token of the text alone: EOS separators and FIM sentinels are not text.
+    text = {
+        name: s.tokens - s.documents - SENTINELS_PER_DOCUMENT * fim_docs[name]
+        for name, s in splits.items()
+    }
+    text_tokens = sum(text.values())
     mb_per_s = round(total_bytes / 1e6 / seconds, 2) if seconds > 0 else None
     bpt = {
-        name: round(s.bytes / (s.tokens - s.documents), 4) if s.tokens > s.documents else None
+        name: round(s.bytes / text[name], 4) if text[name] > 0 else None
         for name, s in splits.items()
     }
     summary = ", ".join(
         f"{name} {s.tokens:,} tokens in {len(s.shards)} shard(s)" for name, s in splits.items()
     )
+    if any(fim_docs.values()):
+        summary += "; FIM " + ", ".join(f"{n} {name}" for name, n in fim_docs.items() if n)
     overall = round(total_bytes / text_tokens, 3) if text_tokens else None
     return Outcome(
         summary=f"{summary}; {overall} bytes/token, {mb_per_s} MB/s ({dtype.name})",
@@ -234,6 +366,7 @@ def apply(cfg: Config, ctx: ApplyContext) -> Outcome:
             "documents": {name: s.documents for name, s in splits.items()},
             "bytes": {name: s.bytes for name, s in splits.items()},
             "shards": {name: len(s.shards) for name, s in splits.items()},
+            "fim_documents": fim_docs,
             "bytes_per_token": bpt,
             "encode_seconds": round(seconds, 3),
             "mb_per_s": mb_per_s,

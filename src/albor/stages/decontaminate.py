@@ -1,0 +1,265 @@
+"""decontaminate: drop documents that share n-grams with benchmark prompts or solutions.
+
+Every text of every configured benchmark (HumanEval built in, or any JSONL file) is cut into
+n-grams of code tokens (`albor.evals.contamination`: word runs, so formatting cannot hide an
+overlap), hashed to 64-bit integers and held in memory. The corpus is streamed batch by batch; a
+document sharing at least `min_matches` distinct benchmark n-grams is dropped, listed in
+`rejected.parquet` (reason `contaminated`, with the benchmarks and task ids it matched) and in
+`report.json` with the number of n-grams it shares with each problem.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from pydantic import Field, model_validator
+
+from albor import progress
+from albor.artifact import atomic_write_json
+from albor.config import Int
+from albor.data.corpus import (
+    CORPUS_FILE,
+    REJECTED_FILE,
+    CorpusWriter,
+    RowWriter,
+    iter_batches,
+    num_rows,
+    rejected_schema,
+    require_corpus,
+)
+from albor.errors import DataError
+from albor.evals import benchmarks as bench
+from albor.evals.contamination import NgramIndex, ShortTexts
+from albor.plan import Plan
+from albor.stage import ApplyContext, Outcome, OutputConfig, PlanContext, check_input, counts
+
+NAME = "decontaminate"
+DESCRIPTION = "Drop documents sharing n-grams with benchmark prompts or solutions (HumanEval)."
+INPUTS = ("input",)
+
+REPORT_FILE = "report.json"
+CONTAMINATED = "contaminated"
+REJECTED_SCHEMA = rejected_schema(
+    ("benchmarks", pa.list_(pa.string())),
+    ("task_ids", pa.list_(pa.string())),
+    ("shared_ngrams", pa.int64()),
+)
+# Tokenising, hashing and lookup: measured at about 17 MB/s on one core over the whole stdlib.
+_MB_PER_S = 15.0
+# Below this, n-grams are short enough to tie ordinary code to a benchmark.
+_SHORT_NGRAM = 5
+
+
+class Config(OutputConfig):
+    input: Path | None = Field(
+        default=None, description="Corpus artifact directory (from ingest, clean or dedup)."
+    )
+    benchmarks: list[bench.BenchmarkConfig] = Field(
+        default_factory=lambda: [bench.BenchmarkConfig(name=bench.HUMANEVAL)],
+        min_length=1,
+        description="Benchmarks to decontaminate against: {name: humaneval, fields: [...]} "
+        "(built in) or {name: X, path: file.jsonl, id_field: task_id, fields: [...]}.",
+    )
+    ngram: Int = Field(default=10, ge=1, description="n-gram length, in code tokens.")
+    min_matches: Int = Field(
+        default=1,
+        ge=1,
+        description="Distinct benchmark n-grams a document must share to be dropped.",
+    )
+    short_texts: ShortTexts = Field(
+        default="skip",
+        description="Benchmark texts with fewer than `ngram` tokens: `skip` them (a one-liner "
+        "such as `return x + y` appears in ordinary code), or index their `whole` token "
+        "sequence as one shorter n-gram.",
+    )
+    batch_rows: Int = Field(
+        default=1024, gt=0, description="Rows per record batch while streaming."
+    )
+
+    @model_validator(mode="after")
+    def _distinct_names(self) -> Config:
+        seen: set[str] = set()
+        for i, b in enumerate(self.benchmarks):
+            if b.name in seen:
+                raise ValueError(
+                    f"benchmarks[{i}]: name '{b.name}' is used twice; give each a distinct `name`"
+                )
+            seen.add(b.name)
+        return self
+
+
+def source_state(cfg: Config) -> dict[str, str]:
+    """The digest of every benchmark file: a changed benchmark re-runs the stage."""
+    return {b.name: bench.state(b) for b in cfg.benchmarks}
+
+
+def build(cfg: Config, p: Plan | None = None) -> tuple[NgramIndex, dict[str, bench.Benchmark]]:
+    """Load every benchmark and index its n-grams; with a plan, each load is a check there."""
+    index = NgramIndex(cfg.ngram, cfg.short_texts)
+    loaded: dict[str, bench.Benchmark] = {}
+    for spec in cfg.benchmarks:
+        check = f"benchmark {spec.name}"
+        try:
+            b = bench.load(spec)
+        except DataError as e:
+            if p is None:
+                raise
+            p.add(check, "fail", str(e))
+            continue
+        for name, task_id, text in b.texts():
+            index.add(name, task_id, text)
+        loaded[spec.name] = b
+        if p is None:
+            continue
+        stats = index.stats[spec.name]
+        detail = (
+            f"{b.path.name}: {stats.problems} problems, fields {', '.join(b.fields)}, "
+            f"{stats.ngrams} {cfg.ngram}-grams indexed"
+        )
+        if stats.ngrams == 0:
+            p.add(
+                check,
+                "fail",
+                f"{detail}: every text is shorter than {cfg.ngram} tokens; lower `ngram` "
+                "or set `short_texts: whole`",
+            )
+        elif stats.texts_short:
+            verb = "skipped" if cfg.short_texts == "skip" else "indexed whole"
+            p.add(
+                check,
+                "ok",
+                f"{detail}; {stats.texts_short} text(s) under {cfg.ngram} tokens {verb}",
+            )
+        else:
+            p.add(check, "ok", detail)
+    return index, loaded
+
+
+def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
+    ctx = ctx or PlanContext()
+    p = Plan(NAME)
+    p.warn_if(
+        "ngram",
+        cfg.ngram < _SHORT_NGRAM,
+        f"{cfg.ngram}-grams are short enough to match ordinary code: use {_SHORT_NGRAM} or more",
+        f"{cfg.ngram}-grams of code tokens, {cfg.min_matches} shared to drop a document",
+    )
+    index, _ = build(cfg, p)
+    p.estimates["ngrams_indexed"] = index.ngrams_per_benchmark()
+    manifest = check_input(
+        p, ctx, "input", cfg.input, require_corpus, "a corpus artifact directory"
+    )
+    if manifest is not None:
+        docs = (manifest.get("counts") or {}).get("kept", 0)
+        size = (manifest.get("metrics") or {}).get("bytes_kept")
+        stored = next((o["bytes"] for o in manifest["outputs"] if o["path"] == CORPUS_FILE), None)
+        if not isinstance(size, int | float):
+            # An ingest manifest may not record text bytes; the Parquet size is a lower bound.
+            size = stored
+        shown = f", {size / 1e6:.1f} MB" if isinstance(size, int | float) else ""
+        p.add("input", "ok", f"{cfg.input} ({docs} documents{shown})")
+        p.estimates["documents_in"] = docs
+        if isinstance(size, int | float):
+            p.estimates["input_mb"] = round(size / 1e6, 2)
+            p.estimates["wall_time_s"] = round(size / 1e6 / _MB_PER_S, 1)
+        if isinstance(stored, int):
+            # Contamination is rare: the kept corpus is about the size of the input.
+            p.estimates["disk_bytes"] = stored
+    p.actions.append(
+        f"drop documents sharing {cfg.min_matches}+ {cfg.ngram}-grams with "
+        f"{', '.join(b.name for b in cfg.benchmarks)}; write {CORPUS_FILE}, {REJECTED_FILE} and "
+        f"{REPORT_FILE} to {cfg.output}"
+    )
+    return p
+
+
+def apply(cfg: Config, ctx: ApplyContext) -> Outcome:
+    assert cfg.input is not None
+    index, loaded = build(cfg)
+    source = cfg.input / CORPUS_FILE
+    batches = math.ceil(num_rows(source) / cfg.batch_rows)
+    total = kept = bytes_in = 0
+    dropped: list[dict[str, Any]] = []
+    per_benchmark: Counter[str] = Counter()
+    with (
+        CorpusWriter(ctx.out / CORPUS_FILE, cfg.batch_rows) as corpus,
+        RowWriter(ctx.out / REJECTED_FILE, REJECTED_SCHEMA, cfg.batch_rows) as rejected,
+    ):
+        for batch in progress.track(iter_batches(source, batch_rows=cfg.batch_rows), NAME, batches):
+            for row in batch.to_pylist():
+                total += 1
+                bytes_in += int(row["bytes"])
+                hit = index.match(row["text"])
+                if hit.shared < cfg.min_matches:
+                    corpus.write(row)
+                    kept += 1
+                    continue
+                per_benchmark.update(hit.benchmarks)
+                rejected.write(
+                    {
+                        "path": row["path"],
+                        "source": row["source"],
+                        "sha256": row["sha256"],
+                        "bytes": row["bytes"],
+                        "reason": CONTAMINATED,
+                        "benchmarks": hit.benchmarks,
+                        "task_ids": hit.task_ids,
+                        "shared_ngrams": hit.shared,
+                    }
+                )
+                dropped.append(
+                    {
+                        "path": row["path"],
+                        "source": row["source"],
+                        "sha256": row["sha256"],
+                        "shared_ngrams": hit.shared,
+                        "matches": [
+                            {"benchmark": b, "task_id": t, "ngrams": k}
+                            for (b, t), k in hit.by_problem.items()
+                        ],
+                    }
+                )
+        bytes_kept = corpus.bytes
+    ngrams = index.ngrams_per_benchmark()
+    per_doc = {name: per_benchmark.get(name, 0) for name in loaded}
+    atomic_write_json(
+        ctx.out / REPORT_FILE,
+        {
+            "ngram": cfg.ngram,
+            "min_matches": cfg.min_matches,
+            "short_texts": cfg.short_texts,
+            "benchmarks": {
+                name: {
+                    "file": str(b.path),
+                    "problems": index.stats[name].problems,
+                    "fields": list(b.fields),
+                    "ngrams_indexed": ngrams[name],
+                    "texts_under_ngram": index.stats[name].texts_short,
+                    "documents_dropped": per_doc[name],
+                }
+                for name, b in loaded.items()
+            },
+            "dropped": dropped,
+        },
+    )
+    if kept == 0 and total > 0:
+        raise DataError(
+            f"decontaminate: every one of the {total} documents shares n-grams with a benchmark; "
+            "raise `ngram` or `min_matches`, or check that the input is not the benchmark itself"
+        )
+    shown = ", ".join(f"{k}: {v}" for k, v in per_doc.items())
+    return Outcome(
+        summary=f"{total} docs in, {kept} kept ({bytes_kept / 1e6:.1f} MB), "
+        f"{len(dropped)} contaminated ({shown})",
+        counts=counts(total, kept, {CONTAMINATED: len(dropped)}),
+        metrics={
+            "ngrams_indexed": ngrams,
+            "documents_dropped": per_doc,
+            "bytes_in": bytes_in,
+            "bytes_kept": bytes_kept,
+        },
+    )
