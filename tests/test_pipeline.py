@@ -121,6 +121,8 @@ def test_default_manifest_loads_and_plans() -> None:
     assert pipe.order == [
         "ingest",
         "clean",
+        "dedup",
+        "decontaminate",
         "split",
         "tokenizer",
         "tokenize",

@@ -349,32 +349,25 @@ def data_group() -> None:
     """Check data artifacts: provenance and integrity."""
 
 
+DRIFT_KINDS = ("missing", "modified", "extra", "inputs", "sources")
+
+
 @data_group.command(name="verify")
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def data_verify_cmd(directory: Path, as_json: bool) -> None:
     """Re-hash every output of the artifact in DIRECTORY (or of every artifact below it, e.g. a
-    pipeline workdir) against its manifest; exit 1 on any drift."""
-    from albor.artifact import find_artifacts, read_manifest, verify_outputs
+    pipeline workdir) against its manifest, and check its inputs and sources are unchanged;
+    exit 1 on any drift."""
+    from albor.artifact import find_artifacts
+    from albor.stage import verify_artifact
 
     if not directory.is_dir():
         raise ConfigError(f"{directory}: not a directory (give an artifact dir or a workdir)")
     found = find_artifacts(directory)
     if not found:
         raise ArtifactError(f"{directory}: no manifest.json here or below: nothing to verify")
-    report = []
-    for art in found:
-        manifest = read_manifest(art)
-        drift = verify_outputs(art, manifest)
-        report.append(
-            {
-                "artifact": str(art),
-                "stage": manifest["stage"],
-                "files": len(manifest["outputs"]),
-                "ok": not any(drift.values()),
-                **drift,
-            }
-        )
+    report = [verify_artifact(art) for art in found]
     ok = all(r["ok"] for r in report)
     if as_json:
         emit_json({"ok": ok, "artifacts": report})
@@ -383,9 +376,7 @@ def data_verify_cmd(directory: Path, as_json: bool) -> None:
             if r["ok"]:
                 out.print(f"[green]✓[/] {r['artifact']} ({r['stage']}): {r['files']} files match")
             else:
-                problems = "; ".join(
-                    f"{k}: {', '.join(r[k])}" for k in ("missing", "modified", "extra") if r[k]
-                )
+                problems = "; ".join(f"{k}: {', '.join(r[k])}" for k in DRIFT_KINDS if r[k])
                 out.print(f"[red]✗[/] {r['artifact']} ({r['stage']}): {problems}")
     if not ok:
         raise Exit(1)

@@ -43,6 +43,7 @@ from albor.artifact import (
     outputs_present,
     read_manifest,
     sha256_bytes,
+    verify_outputs,
 )
 from albor.config import StageConfig
 from albor.errors import AlborError, ArtifactError, ConfigError, PlanFailed, StageFailed
@@ -329,3 +330,44 @@ def _swap_in(work: Path, output: Path) -> None:
     os.replace(work, output)
     if old.exists():
         shutil.rmtree(old, ignore_errors=True)
+
+
+def verify_artifact(directory: Path) -> dict[str, Any]:
+    """Provenance check of a finished artifact: re-hash its outputs against the manifest, check
+    each upstream artifact still has the digest it had, and for a stage that reads outside
+    sources (ingest) that each source is unchanged. Drift is listed by kind."""
+    manifest = read_manifest(directory)
+    drift: dict[str, list[str]] = verify_outputs(directory, manifest)
+    drift["inputs"] = []
+    for entry in manifest.get("inputs", []):
+        path = Path(entry.get("path", ""))
+        if "type" in entry or not entry.get("digest"):
+            continue
+        try:
+            now = artifact_digest(path)
+        except ArtifactError:
+            drift["inputs"].append(f"{path} (gone)")
+            continue
+        if now != entry["digest"]:
+            drift["inputs"].append(f"{path} (changed since this artifact was made)")
+    drift["sources"] = []
+    module = load_stage(manifest["stage"]) if manifest["stage"] in REGISTRY else None
+    if module is not None and hasattr(module, "source_digests"):
+        recorded = {e["name"]: e for e in manifest.get("inputs", []) if "type" in e}
+        try:
+            cfg = module.Config.model_validate(manifest.get("config", {}))
+            current = module.source_digests(cfg)
+        except (AlborError, ValueError) as e:
+            drift["sources"].append(f"cannot re-read the sources: {e}")
+            current = {}
+        for name, digest in current.items():
+            entry = recorded.get(name)
+            if entry is not None and entry.get("digest") != digest:
+                drift["sources"].append(f"{name}: {entry.get('path')} (changed)")
+    return {
+        "artifact": str(directory),
+        "stage": manifest["stage"],
+        "files": len(manifest["outputs"]),
+        "ok": not any(drift.values()),
+        **drift,
+    }

@@ -11,13 +11,16 @@ the datasets cache; a git source's commit is recorded in the metrics and the fin
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 from pydantic import Field, model_validator
 
 from albor import progress
+from albor.artifact import sha256_file
 from albor.config import Int
 from albor.data.corpus import CORPUS_FILE, REJECTED_FILE, CorpusWriter, RowWriter, document
 from albor.data.sources import (
@@ -165,18 +168,25 @@ def apply(cfg: Config, ctx: ApplyContext) -> Outcome:
             name = label(src)
             mine: Counter[str] = Counter()
             n_kept = n_bytes = 0
+            seen = hashlib.sha256()  # what was read: every path with its text hash or reason
             reads = iter_source(src, cfg.max_file_bytes, cfg.batch_rows)
             for r in progress.track(reads, f"ingest {name}"):
                 if r.text is None:
                     reason = r.reason or "unreadable"
                     mine[reason] += 1
                     report.write({"path": r.path, "source": name, "reason": reason})
+                    seen.update(f"{r.path}\0{reason}\n".encode())
                 else:
                     doc = document(r.text, r.path, name)
                     corpus.write(doc)
                     n_kept += 1
                     n_bytes += doc["bytes"]
-            per[name] = {**counts(n_kept + mine.total(), n_kept, dict(mine)), "bytes": n_bytes}
+                    seen.update(f"{r.path}\0{doc['sha256']}\n".encode())
+            per[name] = {
+                **counts(n_kept + mine.total(), n_kept, dict(mine)),
+                "bytes": n_bytes,
+                "content_sha256": seen.hexdigest(),
+            }
             if isinstance(src, GitSource):
                 # What was read is the working tree: say whether it matches the commit.
                 per[name] |= {"commit": _commit(src), "dirty": git_dirty(src)}
@@ -200,9 +210,22 @@ def apply(cfg: Config, ctx: ApplyContext) -> Outcome:
     )
 
 
+def source_digests(cfg: Config) -> dict[str, str]:
+    """Each source's current digest (paths, sizes, mtimes), as `_provenance` records it."""
+    return {label(s): state(s) for s in cfg.sources}
+
+
 def _provenance(src: Source, metrics: dict[str, Any]) -> dict[str, Any]:
     """A source as the manifest's inputs list it: where, and a digest of what was read."""
-    entry = {"name": label(src), "type": src.type, "path": location(src), "digest": state(src)}
+    entry = {
+        "name": label(src),
+        "type": src.type,
+        "path": location(src),
+        "digest": state(src),
+        "content_sha256": metrics["content_sha256"],
+    }
+    if isinstance(src, ParquetSource | JsonlSource):
+        entry["sha256"] = sha256_file(Path(location(src)))
     if "commit" in metrics:
         entry["commit"] = metrics["commit"]
     return entry
