@@ -289,11 +289,13 @@ def pipeline_apply_cmd(
             out.print(f"[green]✓[/] {ev.name}: up to date  {ev.detail}")
         elif ev.status == "failed":
             out.print(f"[red]✗[/] {ev.name}: failed after {ev.wall_time_s:.1f}s")
+        elif ev.status == "stopped":
+            out.print(f"[yellow]■[/] {ev.name}: stopped after {ev.wall_time_s:.1f}s")
 
     try:
         events = apply_pipeline(pipe, only=only, start=start, force=force, on_event=show)
-    except AlborError:
-        if not as_json:
+    except AlborError as e:
+        if not as_json and e.exit_code != 0:
             err.print(
                 f"re-run `albor pipeline apply{' ' + manifest if manifest else ''}` to resume "
                 "at the failed stage once it is fixed"
@@ -506,6 +508,9 @@ def main(argv: list[str] | None = None) -> None:
     except PlanFailed as e:
         _fail(str(e), 1)
     except AlborError as e:
+        if e.exit_code == 0:  # a clean stop (e.g. training stopped by a signal, checkpoint saved)
+            err.print(str(e), markup=False)
+            sys.exit(0)
         if debug:
             raise
         _fail(str(e), e.exit_code)

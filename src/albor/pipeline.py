@@ -317,8 +317,8 @@ def plan_pipeline(
             state = state_of(node.module, node.config)
             run, reason = not state.up_to_date, state.reason
             last = history.get(name, {})
-            if run and last.get("status") == "failed":
-                reason = f"failed last time: {last.get('error', '?')}"
+            if run and last.get("status") in ("failed", "stopped"):
+                reason = f"{last['status']} last time: {last.get('error', '?')}"
         will_run[name] = run
         plan = node.module.plan(node.config, PlanContext(pending=pending))
         result.stages.append(StagePlan(name, node.kind, run, reason, plan, name in selected))
@@ -346,7 +346,7 @@ class StageEvent:
 
     name: str
     kind: str
-    status: str  # "start" | "ran" | "up to date" | "skipped" | "failed"
+    status: str  # "start" | "ran" | "up to date" | "skipped" | "failed" | "stopped"
     detail: str = ""
     result: RunResult | None = None
     wall_time_s: float = 0.0
@@ -383,8 +383,9 @@ def apply_pipeline(
             res = run_stage(node.module, node.config, name=name, force=force or name in forced)
         except (AlborError, KeyboardInterrupt) as e:
             msg = str(e) if isinstance(e, AlborError) else "interrupted"
-            _record(pipe.workdir, name, {"status": "failed", "error": msg, "started_at": started})
-            emit(StageEvent(name, node.kind, "failed", msg, wall_time_s=time.perf_counter() - t0))
+            status = "stopped" if isinstance(e, AlborError) and e.exit_code == 0 else "failed"
+            _record(pipe.workdir, name, {"status": status, "error": msg, "started_at": started})
+            emit(StageEvent(name, node.kind, status, msg, wall_time_s=time.perf_counter() - t0))
             raise
         wall = time.perf_counter() - t0
         _record(

@@ -154,3 +154,37 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(
         torch.testing.assert_close(ta[k], tb[k], atol=1e-5, rtol=1e-4)
     assert straight.manifest["metrics"]["steps"] == resumed.manifest["metrics"]["steps"] == 30
     assert read_manifest(tmp_path / "b")["stage"] == "pretrain"
+
+
+def test_sigterm_saves_a_checkpoint_exits_0_and_resumes(token_data: Path, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = tmp_path / "pretrain.yaml"
+    cfg.write_text(
+        f"data: {token_data}\noutput: {tmp_path / 'out'}\nmodel: tiny\nseq_len: 64\n"
+        "micro_batch: 4\nmax_steps: 800\nwarmup_steps: 10\nlog_every: 1\n"
+        "checkpoint_every: 50000\neval_tokens: 0\nthreads: 1\n"
+    )
+    command = [sys.executable, "-m", "albor", "train", "apply", str(cfg)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / ".out.partial" / "metrics.jsonl"
+    deadline = time.monotonic() + 60
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 5):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "stopped by SIGTERM at step" in err and "run the same command again" in err
+    ckpts = list((tmp_path / ".out.partial" / "checkpoints").glob("step-*"))
+    assert len(ckpts) == 1 and not (tmp_path / "out").exists()
+    step = int(ckpts[0].name.split("-")[1])
+    # The same command again resumes at that step and finishes.
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["metrics"]["resumed_from"] == step and manifest["metrics"]["steps"] == 800

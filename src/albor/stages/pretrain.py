@@ -136,6 +136,11 @@ def cpu_peak_flops(threads: int) -> float:
 ASSUMED_MFU = 0.6
 
 
+# A run whose optimizer step sees fewer tokens than params / this is far from any published
+# recipe (GPT-3 125M: 0.5M tokens; the specification's 350M plateaued at 4K and moved at 131K).
+TOKENS_PER_STEP_DIVISOR = 4000
+
+
 def format_duration(seconds: float) -> str:
     for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
         if seconds >= size:
@@ -206,6 +211,22 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
     p.estimates["total_tokens"] = total_tokens
     p.estimates["tokens_per_parameter"] = round(total_tokens / n, 3)
     p.estimates["warmup_fraction"] = round(cfg.warmup_steps / cfg.max_steps, 4)
+    wanted = n // TOKENS_PER_STEP_DIVISOR
+    p.warn_if(
+        "tokens per step",
+        tokens_per_step < wanted,
+        f"{tokens_per_step:,} tokens per optimizer step is far below the ~{wanted:,}+ a "
+        f"{format_count(n)}-parameter model needs (ALB-080: 4K tokens/step for 350M plateaued): "
+        "raise grad_accum or micro_batch",
+        f"{tokens_per_step:,} tokens per optimizer step",
+    )
+    p.warn_if(
+        "decay",
+        cfg.min_lr_ratio >= 1.0,
+        "min_lr_ratio 1 keeps the learning rate constant after warmup (ALB-079: the run "
+        "plateaued): use a floor of about 0.1",
+        f"cosine decay to {cfg.min_lr_ratio:g} x lr",
+    )
 
     index = _read_index(cfg, p, ctx)
     if index is not None:
@@ -367,6 +388,7 @@ def apply(cfg: Config, ctx: ApplyContext) -> Outcome:
         "skipped_steps": result.skipped_steps,
         "resumed_from": result.resumed_from,
         "data_repeats": round(result.tokens / sampler.tokens, 3),
+        "warnings": result.warnings,
         **final_eval,
     }
     summary = (
@@ -376,6 +398,8 @@ def apply(cfg: Config, ctx: ApplyContext) -> Outcome:
     if final_eval:
         summary += f", val bits/byte {final_eval['val_bpb']:.3f}"
     summary += f", {result.tokens_per_s:,.0f} tok/s"
+    if result.warnings:
+        summary += "; WARNING: " + "; ".join(result.warnings.values())
     return Outcome(summary=summary, metrics=metrics)
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,9 +25,10 @@ import torch
 
 from albor import progress
 from albor.data.windows import WindowSampler
-from albor.errors import StageFailed
+from albor.errors import AlborError, StageFailed
 from albor.model.gpt import GPT
 from albor.train import checkpoint
+from albor.train.health import Health
 from albor.train.optim import lr_at
 
 log = logging.getLogger(__name__)
@@ -65,6 +68,36 @@ class LoopResult:
     skipped_steps: int
     resumed_from: int | None
     evals: list[dict[str, Any]] = field(default_factory=list)
+    warnings: dict[str, str] = field(default_factory=dict)
+
+
+class TrainingStopped(AlborError):
+    """SIGINT or SIGTERM: a checkpoint was saved and the run can resume. Not a failure."""
+
+    exit_code = 0
+
+
+class _StopSignals:
+    """Turn SIGINT / SIGTERM into a flag checked between steps (main thread only)."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None:  # a second signal: stop now, without the checkpoint
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
 
 
 def train(
@@ -97,9 +130,10 @@ def train(
     last_finite = float("nan")
     t0 = time.perf_counter()
     start_step = step
+    health = Health()
     metrics = open(metrics_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in finally
     try:
-        with progress.bar("pretrain", s.max_steps) as bar:
+        with _StopSignals() as stop, progress.bar("pretrain", s.max_steps) as bar:
             bar.update(completed=step)
             while step < s.max_steps:
                 lr = lr_at(
@@ -134,6 +168,7 @@ def train(
                     optimizer.step()
                     bad_in_row = 0
                     last_finite = loss_value
+                    health.step(step, loss_value, grad_norm)
                 step += 1
                 tokens += tokens_per_step
                 elapsed = time.perf_counter() - t0
@@ -156,9 +191,10 @@ def train(
                     evals.append(result)
                     _write(metrics, result)
                 bar.update(completed=step, description=f"pretrain loss {loss_value:.3f}")
-                if step % s.checkpoint_every == 0 and step < s.max_steps:
+                stopping = stop.signal is not None and step < s.max_steps
+                if (step % s.checkpoint_every == 0 and step < s.max_steps) or stopping:
                     state = {"step": step, "tokens": tokens, "loss": loss_value, "evals": evals}
-                    checkpoint.save(
+                    path = checkpoint.save(
                         checkpoint.step_dir(ckpt_root, step),
                         model,
                         optimizer,
@@ -167,6 +203,13 @@ def train(
                         extra_files=extra_files,
                     )
                     checkpoint.prune(ckpt_root, s.keep_checkpoints)
+                    health.checkpoint(step, model)
+                    if stopping:
+                        name = signal.Signals(stop.signal or signal.SIGTERM).name
+                        raise TrainingStopped(
+                            f"stopped by {name} at step {step} of {s.max_steps}: checkpoint "
+                            f"saved to {path}; run the same command again to resume from it"
+                        )
     finally:
         metrics.close()
     wall = time.perf_counter() - t0
@@ -180,6 +223,7 @@ def train(
         skipped_steps=skipped,
         resumed_from=resumed,
         evals=evals,
+        warnings=health.warnings,
     )
 
 
