@@ -1,11 +1,13 @@
 """Training throughput and MFU of albor's loop, against a plain PyTorch loop in the same run.
 
     python benchmarks/train.py [--preset demo] [--steps 20] [--micro-batch 16] [--seq-len 256]
+                               [--precision fp32 bf16] [--threads N]
 
-MFU is measured against this machine's own fp32 matmul peak, timed in the same run (square
-matmuls at the model's width and at 1024/2048, best of them). The baseline is the nanoGPT way of
-writing the loop: the same model, data, batch and optimizer, with no checkpointing, validation,
-metrics or schedule. Prints one JSON object.
+Each precision is timed on its own: fp32, and bf16 autocast (fp32 master weights and optimizer).
+MFU is measured against this machine's own matmul peak in that precision, timed in the same run
+(square matmuls at the model's width and at 1024/2048, best of them). The baseline is the nanoGPT
+way of writing the loop: the same model, data, batch, optimizer and autocast, with no
+checkpointing, validation, metrics, schedule or prefetch. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import platform
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,15 +28,17 @@ from albor.data.windows import WindowSampler
 from albor.model.estimate import flops_per_token, param_count
 from albor.model.gpt import GPT
 from albor.model.presets import preset
-from albor.train.loop import LoopSettings, train
+from albor.train.loop import LoopSettings, Precision, train
 from albor.train.optim import build_adamw
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
-def matmul_peak(sizes: list[int], seconds: float = 1.0) -> dict[str, float]:
-    """Best fp32 matmul FLOP/s over square sizes, each timed for about `seconds`."""
+
+def matmul_peak(sizes: list[int], dtype: torch.dtype, seconds: float = 1.0) -> dict[str, float]:
+    """Best matmul FLOP/s in `dtype` over square sizes, each timed for about `seconds`."""
     best, per = 0.0, {}
     for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         torch.mm(a, b)
         reps, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
@@ -45,7 +50,9 @@ def matmul_peak(sizes: list[int], seconds: float = 1.0) -> dict[str, float]:
     return {"peak_gflops": round(best / 1e9, 1), "by_size_gflops": per}  # type: ignore[dict-item]
 
 
-def albor_loop(model: GPT, sampler: WindowSampler, steps: int, micro_batch: int) -> float:
+def albor_loop(
+    model: GPT, sampler: WindowSampler, steps: int, micro_batch: int, precision: Precision
+) -> float:
     opt = build_adamw(model, 1e-3, 0.1, (0.9, 0.95), 1e-8, torch.device("cpu"))
     settings = LoopSettings(
         max_steps=steps,
@@ -59,6 +66,7 @@ def albor_loop(model: GPT, sampler: WindowSampler, steps: int, micro_batch: int)
         checkpoint_every=10**9,
         keep_checkpoints=1,
         log_every=10,
+        precision=precision,
     )
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
@@ -75,13 +83,16 @@ def albor_loop(model: GPT, sampler: WindowSampler, steps: int, micro_batch: int)
         return time.perf_counter() - t0
 
 
-def baseline_loop(model: GPT, sampler: WindowSampler, steps: int, micro_batch: int) -> float:
+def baseline_loop(
+    model: GPT, sampler: WindowSampler, steps: int, micro_batch: int, precision: Precision
+) -> float:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
     model.train()
     t0 = time.perf_counter()
     for step in range(steps):
         batch = sampler.batch(step, 0, micro_batch)
-        loss = model(batch[:, :-1], targets=batch[:, 1:])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = model(batch[:, :-1], targets=batch[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -97,8 +108,21 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=2, help="alternating timed runs of each loop")
+    ap.add_argument(
+        "--precision",
+        nargs="+",
+        choices=sorted(DTYPES),
+        default=["fp32", "bf16"],
+        help="precisions to time (default: both)",
+    )
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     args = ap.parse_args()
 
+    if args.threads:
+        # One thread keeps the figures steady on a machine whose cores other work also uses.
+        torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     cfg = preset(args.preset)
     rng = np.random.default_rng(0)
@@ -106,7 +130,7 @@ def main() -> None:
     sampler = WindowSampler([tokens], args.seq_len, seed=0)
     tokens_per_step = args.micro_batch * args.seq_len
     fpt = flops_per_token(cfg, args.seq_len)
-    peak = matmul_peak(sorted({cfg.hidden_size, 1024, 2048}))
+    sizes = sorted({cfg.hidden_size, 1024, 2048})
 
     def fresh() -> GPT:
         torch.manual_seed(0)
@@ -114,26 +138,40 @@ def main() -> None:
         model.init_weights()
         return model
 
-    albor_loop(fresh(), sampler, args.warmup, args.micro_batch)
-    results: dict[str, list[float]] = {"albor": [], "baseline": []}
-    for _ in range(args.repeats):
-        results["albor"].append(albor_loop(fresh(), sampler, args.steps, args.micro_batch))
-        results["baseline"].append(baseline_loop(fresh(), sampler, args.steps, args.micro_batch))
-
-    def figures(seconds: list[float]) -> dict[str, float]:
+    def figures(seconds: list[float], peak_gflops: float) -> dict[str, float]:
         best = min(seconds)
         tps = args.steps * tokens_per_step / best
         return {
             "seconds": round(best, 3),
             "tokens_per_s": round(tps, 1),
-            "mfu": round(tps * fpt / (peak["peak_gflops"] * 1e9), 4),
+            "mfu": round(tps * fpt / (peak_gflops * 1e9), 4),
         }
 
-    albor, base = figures(results["albor"]), figures(results["baseline"])
+    results: dict[str, Any] = {}
+    for precision in args.precision:
+        peak = matmul_peak(sizes, DTYPES[precision])
+        albor_loop(fresh(), sampler, args.warmup, args.micro_batch, precision)
+        times: dict[str, list[float]] = {"albor": [], "baseline": []}
+        for _ in range(args.repeats):
+            for name, loop in (("albor", albor_loop), ("baseline", baseline_loop)):
+                times[name].append(loop(fresh(), sampler, args.steps, args.micro_batch, precision))
+
+        albor = figures(times["albor"], peak["peak_gflops"])
+        base = figures(times["baseline"], peak["peak_gflops"])
+        results[precision] = {
+            "matmul_peak": peak,
+            "albor": albor,
+            "baseline_plain_loop": base,
+            "ratio_albor_over_baseline": round(albor["tokens_per_s"] / base["tokens_per_s"], 3),
+        }
+    speedup = None
+    if {"fp32", "bf16"} <= set(results):
+        fp32, bf16 = results["fp32"]["albor"], results["bf16"]["albor"]
+        speedup = round(bf16["tokens_per_s"] / fp32["tokens_per_s"], 3)
     print(
         json.dumps(
             {
-                "benchmark": "training throughput (CPU, fp32)",
+                "benchmark": "training throughput (CPU, fp32 and bf16 autocast)",
                 "preset": args.preset,
                 "parameters": param_count(cfg),
                 "flops_per_token": fpt,
@@ -144,10 +182,8 @@ def main() -> None:
                 "cpus": os.cpu_count(),
                 "machine": platform.processor() or platform.machine(),
                 "torch": torch.__version__,
-                "matmul_fp32": peak,
-                "albor": albor,
-                "baseline_plain_loop": base,
-                "ratio_albor_over_baseline": round(albor["tokens_per_s"] / base["tokens_per_s"], 3),
+                "results": results,
+                "albor_bf16_over_fp32": speedup,
             },
             indent=2,
         )

@@ -8,7 +8,7 @@ import pytest
 
 from albor.cli import ALIASES, cli
 from albor.stage import DESCRIPTIONS, REGISTRY, load_stage
-from conftest import run, write_corpus_artifact
+from helpers import run, write_corpus_artifact
 
 
 def test_verbs_match_registry() -> None:

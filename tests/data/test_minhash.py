@@ -7,7 +7,7 @@ import pytest
 from datasketch import MinHash, MinHashLSH
 
 from albor.data import minhash
-from conftest import STDLIB
+from helpers import STDLIB
 
 
 def stdlib(name: str) -> str:

@@ -17,7 +17,7 @@ from albor.data import filters
 from albor.errors import ConfigError, PlanFailed
 from albor.stage import RunResult, load_stage, run_stage
 from albor.stages import clean, ingest
-from conftest import run as cli_run
+from helpers import run as cli_run
 
 BODY = "def f(x):\n    y = x + 1\n    return y\n\n\nprint(f(2))\n"
 BAD = {

@@ -14,7 +14,7 @@ from albor.data.corpus import CORPUS_FILE, CorpusWriter, document
 from albor.errors import ConfigError
 from albor.stage import PlanContext, run_stage
 from albor.stages import mix
-from conftest import STDLIB
+from helpers import STDLIB
 
 FILES = sorted(p for p in STDLIB.glob("*.py"))
 

@@ -1,16 +1,26 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from albor.artifact import read_manifest
 from albor.errors import StageFailed
+from albor.model.estimate import memory_budget
 from albor.stage import PlanContext, load_stage, run_stage
 from albor.stages import pretrain
+from albor.train import checkpoint
 
 
 def tiny(data: Path, out: Path, **kw: Any) -> pretrain.Config:
@@ -42,7 +52,10 @@ def test_plan_estimates(token_data: Path, tmp_path: Path) -> None:
     assert e["warmup_fraction"] == 0.1
     assert 0 < e["data_repeats"] < 1
     assert set(e["memory"]) == {"weights", "gradients", "optimizer", "activations", "total"}
-    assert e["checkpoints"]["written"] == 4 and e["wall_time_s"] > 0
+    # Steps 10 and 20, then the final weights; validation at 10 and 20 adds none.
+    assert e["checkpoints"]["written"] == 3 and e["checkpoints"]["kept"] == 3
+    assert e["checkpoints"]["written_when_validation_improves"] == 0
+    assert e["wall_time_s"] > 0
     assert not (tmp_path / "out").exists()
     pending = pretrain.plan(tiny(tmp_path / "later", tmp_path / "o"), PlanContext({"data": "tok"}))
     assert pending.ok
@@ -80,33 +93,130 @@ def test_grad_clip_cannot_be_disabled(token_data: Path, tmp_path: Path) -> None:
         tiny(token_data, tmp_path, grad_clip=0)
 
 
-def test_apply_trains_and_writes_an_hf_checkpoint(token_data: Path, tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    res = run_stage(load_stage("pretrain"), tiny(token_data, out))
+def test_speed_options_default_to_plain_fp32() -> None:
+    cfg = pretrain.Config()
+    assert cfg.precision == "fp32" and not cfg.compile and not cfg.activation_checkpointing
+    assert cfg.prefetch
+
+
+def test_plan_memory_follows_precision_and_activation_checkpointing(
+    token_data: Path, tmp_path: Path
+) -> None:
+    def activations(**kw: Any) -> str:
+        p = pretrain.plan(tiny(token_data, tmp_path / "out", **kw))
+        assert p.ok, p.summary()
+        return str(p.estimates["memory"]["activations"])
+
+    mc = pretrain.model_config(tiny(token_data, tmp_path))
+    for kw, precision in [
+        ({}, "fp32"),
+        ({"precision": "bf16"}, "bf16-mixed"),
+        ({"activation_checkpointing": True}, "fp32"),
+        ({"precision": "bf16", "activation_checkpointing": True}, "bf16-mixed"),
+    ]:
+        budget = memory_budget(
+            mc,
+            4,
+            64,
+            precision=precision,
+            activation_checkpointing=bool(kw.get("activation_checkpointing")),
+        )
+        assert activations(**kw) == pretrain.format_bytes(budget["activations"]), kw
+    assert len({activations(), activations(precision="bf16")}) == 2
+
+
+def test_plan_rejects_compile_without_a_compiler(
+    token_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    p = pretrain.plan(tiny(token_data, tmp_path / "out", compile=True, device="cpu"))
+    failing = {c.name: c.detail for c in p.failures}
+    assert "install it or set compile: false" in failing["compile"], failing
+
+
+# A run that is cheap to repeat: tiny, one thread (bit-for-bit reproducible), every step logged,
+# a checkpoint and a validation every 10 steps, two micro-batches per step.
+RESUMABLE: dict[str, Any] = dict(
+    max_steps=100,
+    warmup_steps=5,
+    seq_len=32,
+    micro_batch=4,
+    grad_accum=2,
+    log_every=1,
+    eval_every=10,
+    eval_tokens=512,
+    checkpoint_every=10,
+    keep_checkpoints=2,
+    threads=1,
+)
+
+
+@pytest.fixture(scope="module")
+def straight(token_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted run the interrupted ones must match, bit for bit."""
+    out = tmp_path_factory.mktemp("straight") / "out"
+    run_stage(load_stage("pretrain"), tiny(token_data, out, **RESUMABLE))
+    return out
+
+
+def trajectory(out: Path) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """Every logged step's (step, loss, grad norm, lr) and every validation's (step, val_loss)."""
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in lines if "loss" in r]
+    vals = [(r["step"], r["val_loss"]) for r in lines if "val_loss" in r]
+    return steps, vals
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    steps_a, vals_a = trajectory(a)
+    assert [s for s, *_ in steps_a] == list(range(1, 101))
+    assert trajectory(b) == (steps_a, vals_a)  # exact floats, no repeated or missing step
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_apply_trains_and_writes_an_hf_checkpoint(token_data: Path, straight: Path) -> None:
+    out = straight
     files = sorted(p.name for p in out.iterdir())
     assert files == sorted(
         [
+            "checkpoint.json",
             "checkpoints",
             "config.json",
+            "loss.png",
             "manifest.json",
             "metrics.jsonl",
             "model.safetensors",
             "optimizer.pt",
+            "rng.pt",
             "special_tokens_map.json",
             "tokenizer.json",
             "tokenizer_config.json",
             "trainer_state.json",
+            "training_state.json",
         ]
     )
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
-        "step-0000010",
-        "step-0000020",
-    ]
-    m = res.manifest["metrics"]
-    assert m["steps"] == 30 and m["final_loss"] < m["first_loss"] - 0.5
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in lines if "val_loss" in r] == [10, 20, 30]
-    assert json.loads((out / "trainer_state.json").read_text())["step"] == 30
+    assert checkpoint.verify(out) == []  # the final weights are a checkpoint like the others
+    m = read_manifest(out)["metrics"]
+    assert m["steps"] == 100 and m["final_loss"] < m["first_loss"] - 0.5
+    assert m["precision"] == "fp32" and m["resume_warnings"] == [] and m["resumed_from"] is None
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert {"best.json", "step-0000080", "step-0000090"} <= set(kept) and len(kept) <= 4
+    best = json.loads((out / "checkpoints" / "best.json").read_text())
+    assert best == m["best"] and (out / best["path"]).is_dir()
+    assert best["val_loss"] == min(v for _, v in trajectory(out)[1])
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["step"] == 100 and state["tokens"] == 100 * 4 * 2 * 32
+    assert state["data"] == {
+        "seed": 1337,
+        "seq_len": 32,
+        "micro_batch": 4,
+        "grad_accum": 2,
+        "next_step": 100,
+    }
     # The checkpoint is a transformers model dir as it stands.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -114,77 +224,114 @@ def test_apply_trains_and_writes_an_hf_checkpoint(token_data: Path, tmp_path: Pa
     tok = AutoTokenizer.from_pretrained(out)
     ids = tok("def add(a, b):\n    return a + b\n", return_tensors="pt").input_ids
     assert hf(ids).logits.shape == (1, ids.shape[1], 512)
-    assert run_stage(load_stage("pretrain"), tiny(token_data, out)).status == "up to date"
+    cfg = tiny(token_data, out, **RESUMABLE)
+    assert run_stage(load_stage("pretrain"), cfg).status == "up to date"
 
 
-def test_interrupted_run_resumes_from_its_last_checkpoint(
-    token_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_still_matches(
+    token_data: Path, tmp_path: Path, straight: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    straight = run_stage(load_stage("pretrain"), tiny(token_data, tmp_path / "a"))
     from albor.train import loop
 
     real = loop.checkpoint.save
-    calls = {"n": 0}
 
-    def crash_after_second_checkpoint(*args: Any, **kw: Any) -> Path:
+    def crash_after_step_40(*args: Any, **kw: Any) -> Path:
         path = real(*args, **kw)
-        calls["n"] += 1
-        if calls["n"] == 2:
+        if path.name == "step-0000040":
             raise StageFailed("simulated crash")
         return path
 
-    monkeypatch.setattr(loop.checkpoint, "save", crash_after_second_checkpoint)
+    cfg = tiny(token_data, tmp_path / "out", **RESUMABLE)
+    monkeypatch.setattr(loop.checkpoint, "save", crash_after_step_40)
     with pytest.raises(StageFailed, match="simulated crash"):
-        run_stage(load_stage("pretrain"), tiny(token_data, tmp_path / "b"))
-    assert not (tmp_path / "b").exists()  # nothing half-written in place
+        run_stage(load_stage("pretrain"), cfg)
     monkeypatch.setattr(loop.checkpoint, "save", real)
-    resumed = run_stage(load_stage("pretrain"), tiny(token_data, tmp_path / "b"))
-    assert resumed.manifest["metrics"]["resumed_from"] == 20
-    # Batches are a function of the step and the optimizer state is restored: same trajectory.
-    a = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
-    b = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    assert [r.get("loss") for r in a] == pytest.approx([r.get("loss") for r in b], rel=1e-4)
-    from safetensors.torch import load_file
+    assert not (tmp_path / "out").exists()  # nothing half-written in place
+    damaged = tmp_path / ".out.partial" / "checkpoints" / "step-0000040" / "optimizer.pt"
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit, as a bad disk would
+    damaged.write_bytes(bytes(data))
 
-    ta, tb = (
-        load_file(tmp_path / "a" / "model.safetensors"),
-        load_file(tmp_path / "b" / "model.safetensors"),
-    )
-    for k in ta:
-        torch.testing.assert_close(ta[k], tb[k], atol=1e-5, rtol=1e-4)
-    assert straight.manifest["metrics"]["steps"] == resumed.manifest["metrics"]["steps"] == 30
-    assert read_manifest(tmp_path / "b")["stage"] == "pretrain"
+    m = run_stage(load_stage("pretrain"), cfg).manifest["metrics"]
+    assert m["resumed_from"] == 30
+    [warning] = m["resume_warnings"]
+    assert "step-0000040" in warning and "optimizer.pt does not match its sha256" in warning
+    assert_same_run(straight, tmp_path / "out")
 
 
-def test_sigterm_saves_a_checkpoint_exits_0_and_resumes(token_data: Path, tmp_path: Path) -> None:
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
+def last_step(metrics: Path) -> int:
+    """The newest step in a metrics file another process is writing (0 before the first)."""
+    found = [0]
+    if metrics.exists():
+        for line in metrics.read_text().splitlines():
+            found += [int(n) for n in re.findall(r'^\{"step": (\d+), "loss"', line)]
+    return max(found)
 
+
+def command(cfg: Path) -> list[str]:
+    return [sys.executable, "-m", "albor", "train", "apply", str(cfg)]
+
+
+def launch(cfg: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(command(cfg), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(proc: subprocess.Popen[str], ready: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 120
+    while not ready():
+        assert proc.poll() is None, f"the run ended before {what}: {proc.communicate()}"
+        assert time.monotonic() < deadline, f"no {what} after 120 s"
+        time.sleep(0.01)
+
+
+def test_killed_or_stopped_anywhere_the_run_resumes_bit_for_bit(
+    token_data: Path, tmp_path: Path, straight: Path
+) -> None:
     cfg = tmp_path / "pretrain.yaml"
-    cfg.write_text(
-        f"data: {token_data}\noutput: {tmp_path / 'out'}\nmodel: tiny\nseq_len: 64\n"
-        "micro_batch: 4\nmax_steps: 800\nwarmup_steps: 10\nlog_every: 1\n"
-        "checkpoint_every: 50000\neval_tokens: 0\nthreads: 1\n"
+    same = tiny(token_data, tmp_path / "out", **RESUMABLE).model_dump(
+        mode="json", exclude_none=True
     )
-    command = [sys.executable, "-m", "albor", "train", "apply", str(cfg)]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / ".out.partial" / "metrics.jsonl"
-    deadline = time.monotonic() + 60
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 5):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.05)
+    cfg.write_text(json.dumps(same))  # JSON is YAML
+    partial = tmp_path / ".out.partial"
+    metrics = partial / "metrics.jsonl"
+
+    # 1. SIGKILL as soon as the step-20 checkpoint exists (the run is mid-step or mid-save).
+    proc = launch(cfg)
+    wait_for(proc, (partial / "checkpoints" / "step-0000020" / "checkpoint.json").exists, "step 20")
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL
+
+    # 2. SIGTERM between checkpoints: a clean stop that saves a checkpoint where it is.
+    seen = last_step(metrics)
+    proc = launch(cfg)
+    wait_for(proc, lambda: last_step(metrics) >= seen + 13, "13 more steps")
     os.kill(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    assert "stopped by SIGTERM at step" in err and "run the same command again" in err
-    ckpts = list((tmp_path / ".out.partial" / "checkpoints").glob("step-*"))
-    assert len(ckpts) == 1 and not (tmp_path / "out").exists()
-    step = int(ckpts[0].name.split("-")[1])
-    # The same command again resumes at that step and finishes.
-    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["metrics"]["resumed_from"] == step and manifest["metrics"]["steps"] == 800
+    stopped = re.search(r"stopped by SIGTERM at step (\d+)", err)
+    assert stopped and "run the same command again" in err, err
+    assert (partial / "checkpoints" / f"step-{int(stopped[1]):07d}").is_dir()
+
+    # 3. SIGKILL between checkpoints: the steps since the last one are lost, and replayed.
+    seen = last_step(metrics)
+    proc = launch(cfg)
+    wait_for(proc, lambda: last_step(metrics) >= seen + 17, "17 more steps")
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL
+
+    # 4. To the end.
+    done = subprocess.run(command(cfg), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    manifest = read_manifest(tmp_path / "out")["metrics"]
+    assert manifest["resumed_from"] >= int(stopped[1]) and manifest["resume_warnings"] == []
+    lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in lines if r.get("event") == "resume"]) == 3
+    assert_same_run(straight, tmp_path / "out")
+
+
+def test_apply_in_bf16_with_activation_checkpointing_learns(
+    token_data: Path, tmp_path: Path
+) -> None:
+    cfg = tiny(token_data, tmp_path / "out", precision="bf16", activation_checkpointing=True)
+    m = run_stage(load_stage("pretrain"), cfg.model_copy(update={"threads": 1})).manifest["metrics"]
+    assert m["precision"] == "bf16" and m["final_loss"] < m["first_loss"] - 0.5

@@ -55,6 +55,9 @@ def test_apply_is_deterministic_disjoint_and_idempotent(
     assert sum(m["metrics"]["documents"].values()) == 2 * len(stdlib_texts)
     again = run_stage(load_stage("split"), cfg)
     assert again.status == "up to date"
+    # batch_rows changes how it runs, not what it writes: still up to date.
+    cfg_rows = split.Config(input=src, output=tmp_path / "out", val=0.2, test=0.2, batch_rows=3)
+    assert run_stage(load_stage("split"), cfg_rows).status == "up to date"
     cfg2 = split.Config(input=src, output=tmp_path / "out", val=0.2, test=0.2, seed="other")
     assert run_stage(load_stage("split"), cfg2).status == "ran"
 

@@ -23,6 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from albor.errors import ConfigError
 from albor.model.config import ModelConfig
@@ -195,6 +196,9 @@ class GPT(nn.Module):
         if problems:
             raise ConfigError("invalid model config: " + "; ".join(problems))
         self.cfg = cfg
+        # Training sets this to keep only each block's input and recompute the block during
+        # backward: activation memory of one block instead of all, for about a third more compute.
+        self.activation_checkpointing = False
         self.model = Backbone(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
@@ -255,8 +259,12 @@ class GPT(nn.Module):
             )
         cos, sin = rope_cos_sin(self.cfg, start, T, input_ids.device)
         x = self.model.embed_tokens(input_ids)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.model.layers:
-            x = block(x, cos, sin, cache)
+            if recompute:
+                x = checkpoint(block, x, cos, sin, cache, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cache)
         if cache is not None:
             cache.advance(T)
         logits: torch.Tensor = self.lm_head(self.model.norm(x))

@@ -73,11 +73,31 @@ class Config(OutputConfig):
     eval_every: Int = Field(100, gt=0, description="Validate every N steps (and at the end).")
     eval_tokens: Int = Field(65536, ge=0, description="Validation tokens per evaluation (0: none).")
     checkpoint_every: Int = Field(500, gt=0, description="Save a checkpoint every N steps.")
-    keep_checkpoints: Int = Field(2, gt=0, description="Intermediate checkpoints kept.")
+    keep_checkpoints: Int = Field(
+        2,
+        gt=0,
+        description="Newest intermediate checkpoints kept; the best by validation loss is kept "
+        "besides them (named in checkpoints/best.json).",
+    )
     log_every: Int = Field(10, gt=0, description="Write a metrics line every N steps.")
     seed: int = Field(1337, description="Seed of the init and of the data order.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda if available.")
-    precision: Literal["fp32"] = Field("fp32", description="Training precision.")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="fp32, or bf16: autocast to bfloat16 (CUDA or CPU) with fp32 master weights, "
+        "gradients and optimizer state.",
+    )
+    compile: bool = Field(
+        False, description="torch.compile the model (slow to compile on CPU; needs a C++ compiler)."
+    )
+    activation_checkpointing: bool = Field(
+        False,
+        description="Recompute each block in backward instead of keeping its activations "
+        "(less memory, about a third more compute).",
+    )
+    prefetch: bool = Field(
+        True, description="Build the next step's batches in a background thread."
+    )
     threads: int | None = Field(None, gt=0, description="CPU threads (default: all cores).")
 
 
@@ -112,12 +132,14 @@ def device_memory(device: str) -> tuple[int | None, str]:
     return int(props.total_memory), props.name
 
 
-def cpu_peak_flops(threads: int) -> float:
-    """fp32 matmul FLOP/s of this CPU measured in ~0.1 s: the ceiling for the time estimate."""
+def cpu_peak_flops(threads: int, precision: str = "fp32") -> float:
+    """Matmul FLOP/s of this CPU in `precision` (fp32 or bf16) measured in ~0.1 s: the ceiling
+    for the time estimate."""
     import torch
 
     n = 512
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -130,6 +152,8 @@ def cpu_peak_flops(threads: int) -> float:
     finally:
         torch.set_num_threads(old)
 
+
+RECOMPUTE_FACTOR = 8 / 6
 
 # Fraction of the matmul peak a training step reaches on CPU, for the wall-time estimate only
 # (benchmarks/train.py measured 65% for the demo preset on 2 cores; larger models do better).
@@ -166,6 +190,62 @@ def _read_index(cfg: Config, p: Plan, ctx: PlanContext) -> Any:
         return None
     p.add("data", "ok", f"{cfg.data}: {format_count(train.tokens)} train tokens")
     return index
+
+
+# Config precision -> the memory model's name for it: bf16 autocast keeps fp32 master weights,
+# gradients and optimizer states, with bf16 activations.
+MEMORY_PRECISION = {"fp32": "fp32", "bf16": "bf16-mixed"}
+
+
+def cpu_flags() -> set[str]:
+    """The instruction-set flags of this CPU (empty where /proc/cpuinfo is not available)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _check_speed_options(cfg: Config, p: Plan, device: str) -> None:
+    """bf16 and torch.compile need support the device may lack; say so before training starts."""
+    import importlib.util
+    import shutil
+
+    if cfg.precision == "bf16":
+        if device == "cuda":
+            import torch
+
+            supported = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+            p.require(
+                "precision",
+                supported,
+                "bf16 autocast, fp32 master weights and optimizer",
+                "this GPU has no bf16 support: set precision: fp32",
+            )
+        else:
+            native = bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+            p.warn_if(
+                "precision",
+                not native,
+                "this CPU has no native bf16 (avx512_bf16 / amx_bf16): bf16 will be emulated "
+                "and slower than fp32; set precision: fp32",
+                "bf16 autocast on CPU (native bf16 instructions), fp32 master weights",
+            )
+    if cfg.compile:
+        if device == "cuda":
+            ok, need = importlib.util.find_spec("triton") is not None, "the triton package"
+        else:
+            compilers = [os.environ.get("CXX") or "", "g++", "clang++", "c++"]
+            ok, need = any(c and shutil.which(c) for c in compilers), "a C++ compiler (g++)"
+        p.require(
+            "compile",
+            ok,
+            f"torch.compile on {device} (the first steps are slow while it compiles)",
+            f"compile: true needs {need} on {device}: install it or set compile: false",
+        )
 
 
 def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
@@ -255,7 +335,14 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
             f"{min(cfg.eval_tokens, val.tokens if val else 0):,} val tokens per evaluation",
         )
     device = resolve_device(cfg)
-    budget = memory_budget(mc, cfg.micro_batch, seq, precision=cfg.precision)
+    _check_speed_options(cfg, p, device)
+    budget = memory_budget(
+        mc,
+        cfg.micro_batch,
+        seq,
+        precision=MEMORY_PRECISION[cfg.precision],
+        activation_checkpointing=cfg.activation_checkpointing,
+    )
     p.estimates["memory"] = {k: format_bytes(v) for k, v in budget.items()}
     available, what = device_memory(device)
     if available is None:
@@ -269,10 +356,19 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
             f"{format_bytes(available)} ({what}): lower micro_batch (raise grad_accum to "
             "keep the tokens per step) or seq_len, or pick a smaller model",
         )
-    ckpt_bytes = n * 4 * 3  # weights + two AdamW states, fp32
-    n_ckpt = min(cfg.max_steps // cfg.checkpoint_every, cfg.keep_checkpoints) + 1
+    ckpt_bytes = n * 4 * 3  # weights + two AdamW states, fp32 whatever the precision
+    # Intermediate checkpoints every checkpoint_every steps before the last, one more at each
+    # validation that improves between them (at most every eval step), and the final weights.
+    intermediate = (cfg.max_steps - 1) // cfg.checkpoint_every
+    on_improvement = 0
+    if cfg.eval_tokens > 0:
+        evals = range(cfg.eval_every, cfg.max_steps, cfg.eval_every)
+        on_improvement = sum(1 for e in evals if e % cfg.checkpoint_every)
+    best = 1 if cfg.eval_tokens > 0 else 0
+    n_ckpt = min(intermediate + on_improvement, cfg.keep_checkpoints + best) + 1
     p.estimates["checkpoints"] = {
-        "written": cfg.max_steps // cfg.checkpoint_every + 1,
+        "written": intermediate + 1,
+        "written_when_validation_improves": on_improvement,
         "kept": n_ckpt,
         "size_each": format_bytes(ckpt_bytes),
     }
@@ -281,9 +377,12 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
     p.estimates["train_flops"] = float(flops)
     if device == "cpu":
         threads = cfg.threads or os.cpu_count() or 1
-        peak = cpu_peak_flops(threads)
+        peak = cpu_peak_flops(threads, cfg.precision)
         p.estimates["device_peak_gflops"] = round(peak / 1e9, 1)
-        wall = flops / (peak * ASSUMED_MFU)
+        # Activation checkpointing runs each block's forward twice: 8 FLOPs per weight per token
+        # where training otherwise does 6.
+        work = flops * (RECOMPUTE_FACTOR if cfg.activation_checkpointing else 1.0)
+        wall = work / (peak * ASSUMED_MFU)
         p.estimates["wall_time_s"] = round(wall, 1)
         p.estimates["wall_time"] = format_duration(wall)
         p.warn_if(
@@ -294,7 +393,7 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
         )
     p.actions.append(
         f"train {format_count(n)} parameters for {cfg.max_steps} steps "
-        f"({format_count(total_tokens)} tokens) on {device}"
+        f"({format_count(total_tokens)} tokens) on {device} in {cfg.precision}"
     )
     p.actions.append(f"write the checkpoint (HF layout) to {cfg.output}")
     return p
@@ -303,18 +402,30 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
 def apply(cfg: Config, ctx: ApplyContext) -> Outcome:
     import torch
 
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg, ctx)
+    finally:
+        torch.set_num_threads(threads)  # the caller's process keeps its own setting
+
+
+def _train(cfg: Config, ctx: ApplyContext) -> Outcome:
+    import torch
+
     from albor.data.bpe import TOKENIZER_FILES, load_tokenizer, token_byte_lengths
     from albor.data.shards import TokenIndex, open_split
     from albor.data.windows import WindowSampler, eval_windows
     from albor.evals.perplexity import score_model
     from albor.model.gpt import GPT
+    from albor.track.plot import write_loss_plot
+    from albor.track.runs import RunTracker, db_path_for
     from albor.train import checkpoint
     from albor.train.loop import LoopSettings, train
     from albor.train.optim import build_adamw
 
     assert cfg.data is not None
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     device = torch.device(resolve_device(cfg))
     mc = model_config(cfg)
     seq = cfg.seq_len or mc.max_seq_len
@@ -332,6 +443,7 @@ def apply(cfg: Config, ctx: ApplyContext) -> Outcome:
     )
 
     def evaluate() -> dict[str, Any]:
+        # In fp32 whatever the training precision: the figure compared across runs.
         windows = eval_windows(val_shards, seq, cfg.eval_tokens, cfg.micro_batch)
         s = score_model(model, windows, token_bytes, str(device))
         return {
@@ -355,51 +467,78 @@ def apply(cfg: Config, ctx: ApplyContext) -> Outcome:
         checkpoint_every=cfg.checkpoint_every,
         keep_checkpoints=cfg.keep_checkpoints,
         log_every=cfg.log_every,
+        precision=cfg.precision,
+        compile=cfg.compile,
+        activation_checkpointing=cfg.activation_checkpointing,
+        prefetch=cfg.prefetch,
     )
-    result = train(
-        model,
-        optimizer,
-        sampler,
-        settings,
-        device=device,
-        run_dir=ctx.out,
-        eos_token_id=index.eos_id,
-        extra_files=tok_files,
-        evaluate=evaluate if has_val else None,
+    tracker = RunTracker.open(
+        db_path_for(ctx.out),
+        ctx.name,
+        NAME,
+        ctx.out,
+        cfg.model_dump(mode="json", exclude={"output"}),
+        info={
+            "parameters": model.num_params(),
+            "flops_per_token": flops_per_token(mc, seq),
+            "device": str(device),
+        },
     )
-    final_eval = result.evals[-1] if result.evals else {}
-    state = {
-        "step": result.steps,
-        "tokens": result.tokens,
-        "loss": result.final_loss,
-        "evals": result.evals,
-    }
-    checkpoint.write(
-        ctx.out, model, optimizer, state, eos_token_id=index.eos_id, extra_files=tok_files
-    )
-    first_loss = _first_loss(ctx.out / "metrics.jsonl")
-    metrics = {
-        "parameters": model.num_params(),
-        "steps": result.steps,
-        "tokens": result.tokens,
-        "final_loss": round(result.final_loss, 5),
-        "first_loss": first_loss,
-        "tokens_per_s": round(result.tokens_per_s, 1),
-        "skipped_steps": result.skipped_steps,
-        "resumed_from": result.resumed_from,
-        "data_repeats": round(result.tokens / sampler.tokens, 3),
-        "warnings": result.warnings,
-        **final_eval,
-    }
-    summary = (
-        f"{format_count(model.num_params())} params, {result.steps} steps, loss "
-        f"{first_loss} -> {result.final_loss:.3f}"
-    )
-    if final_eval:
-        summary += f", val bits/byte {final_eval['val_bpb']:.3f}"
-    summary += f", {result.tokens_per_s:,.0f} tok/s"
-    if result.warnings:
-        summary += "; WARNING: " + "; ".join(result.warnings.values())
+    with tracker:  # an exception marks the run failed; a clean stop marks it stopped
+        result = train(
+            model,
+            optimizer,
+            sampler,
+            settings,
+            device=device,
+            run_dir=ctx.out,
+            eos_token_id=index.eos_id,
+            extra_files=tok_files,
+            evaluate=evaluate if has_val else None,
+            tracker=tracker,
+        )
+        final_eval = result.evals[-1] if result.evals else {}
+        checkpoint.write(
+            ctx.out,
+            model,
+            optimizer,
+            result.state,
+            eos_token_id=index.eos_id,
+            extra_files=tok_files,
+        )
+        first_loss = _first_loss(ctx.out / "metrics.jsonl")
+        metrics = {
+            "parameters": model.num_params(),
+            "steps": result.steps,
+            "tokens": result.tokens,
+            "final_loss": round(result.final_loss, 5),
+            "first_loss": first_loss,
+            "tokens_per_s": round(result.tokens_per_s, 1),
+            "precision": cfg.precision,
+            "skipped_steps": result.skipped_steps,
+            "resumed_from": result.resumed_from,
+            "resume_warnings": result.resume_warnings,
+            "best": result.best,
+            "data_repeats": round(result.tokens / sampler.tokens, 3),
+            "warnings": result.warnings,
+            **final_eval,
+        }
+        first = "?" if first_loss is None else f"{first_loss:.3f}"
+        summary = (
+            f"{format_count(model.num_params())} params, {result.steps} steps, loss "
+            f"{first} -> {result.final_loss:.3f}"
+        )
+        if final_eval:
+            summary += f", val bits/byte {final_eval['val_bpb']:.3f}"
+        summary += f", {result.tokens_per_s:,.0f} tok/s"
+        if result.warnings:
+            summary += "; WARNING: " + "; ".join(result.warnings.values())
+        if result.resume_warnings:
+            summary += (
+                f"; {len(result.resume_warnings)} resume warning(s), see metrics.resume_warnings"
+            )
+        write_loss_plot(ctx.out)  # the artifact's plot covers the whole run
+        tracker.finish("done", metrics)
     return Outcome(summary=summary, metrics=metrics)
 
 
@@ -409,5 +548,5 @@ def _first_loss(path: Path) -> float | None:
     for line in path.read_text(encoding="utf-8").splitlines():
         rec = json.loads(line)
         if "loss" in rec:
-            return float(rec["loss"])
+            return round(float(rec["loss"]), 5)
     return None

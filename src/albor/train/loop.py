@@ -1,15 +1,24 @@
-"""The one training loop (pretrain; distill and finetune pass their loss and parameters).
+"""The one training loop (pretrain; distill and finetune pass their objective and parameters).
 
-Per optimizer step: `grad_accum` micro-batches drawn by step index, loss scaled by 1/grad_accum,
-gradient clipping that is always on (the ALB-071 lesson: safety never hangs on an optional
-setting), AdamW with the warmup + cosine schedule. A non-finite loss or gradient skips the step
-and is counted; too many in a row stop the run with the step and the last finite loss. Metrics go
-to `metrics.jsonl`; validation every `eval_every` steps; checkpoints every `checkpoint_every`
-steps, and a run restarted with the same directory resumes from the newest one.
+Per optimizer step: the step's `grad_accum` micro-batches, a pure function of the step built in a
+background thread while the previous step trains; each micro-batch is backpropagated as its sum
+of token losses divided by the number of tokens the whole step scores, so the gradient is that of
+the mean over every token of the step however the tokens fall into micro-batches; then gradient
+clipping that is always on (the ALB-071 lesson: safety never hangs on an optional setting) and
+AdamW with the warmup + cosine schedule. Options: bf16 autocast (fp32 master weights, gradients
+and optimizer; no loss scaling, the ALB-072 lesson), `torch.compile`, activation checkpointing.
+
+A non-finite loss or gradient skips the step and is counted; too many in a row stop the run with
+the step and the last finite loss. Metrics go to `metrics.jsonl`; validation every `eval_every`
+steps. Checkpoints (`checkpoint.py`) every `checkpoint_every` steps, when validation improves, and
+on SIGINT / SIGTERM. A run restarted with the same directory resumes from the newest usable
+checkpoint, even after SIGKILL: batches are step-indexed and the weights, optimizer, RNG states,
+counters and schedule position are all restored, so it continues exactly as if never stopped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -17,29 +26,136 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol, cast
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from albor import progress
+from albor.artifact import atomic_write_text
 from albor.data.windows import WindowSampler
 from albor.errors import AlborError, StageFailed
 from albor.model.gpt import GPT
+from albor.track.plot import write_loss_plot
+from albor.track.runs import RunTracker
 from albor.train import checkpoint
 from albor.train.health import Health
 from albor.train.optim import lr_at
 
 log = logging.getLogger(__name__)
 
-LossFn = Callable[[GPT, torch.Tensor], torch.Tensor]
+Precision = Literal["fp32", "bf16"]
 
 
-def lm_loss(model: GPT, batch: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy on a `(B, T + 1)` window batch."""
-    loss: torch.Tensor = model(batch[:, :-1], targets=batch[:, 1:])
-    return loss
+class Objective(Protocol):
+    """What the loop minimises: a sum of per-token losses, and how many tokens it is over."""
+
+    def targets(self, batch: torch.Tensor) -> int:
+        """Scored tokens in a micro-batch (counted on the CPU copy, before any transfer)."""
+        ...
+
+    def loss_sum(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        """Sum of the per-token losses of a micro-batch, an fp32 scalar."""
+        ...
+
+
+@dataclass(frozen=True)
+class NextToken:
+    """Next-token cross-entropy. A batch is `(B, T + 1)` windows (every position scored) or
+    `(B, 2, T)` inputs and targets given apart, where targets equal to `ignore_index` are not."""
+
+    ignore_index: int = -100
+
+    def split(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if batch.dim() == 3:
+            return batch[:, 0], batch[:, 1]
+        return batch[:, :-1], batch[:, 1:]
+
+    def targets(self, batch: torch.Tensor) -> int:
+        return int((self.split(batch)[1] != self.ignore_index).sum())
+
+    def loss_sum(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        inputs, targets = self.split(batch)
+        logits = model(inputs)
+        loss: torch.Tensor = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=self.ignore_index,
+            reduction="sum",
+        )
+        return loss
+
+
+def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on `device` (CUDA or CPU) when asked for; otherwise plain fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def accumulate(
+    model: nn.Module,
+    objective: Objective,
+    batches: list[torch.Tensor],
+    device: torch.device,
+    precision: Precision = "fp32",
+) -> float:
+    """Forward and backward over one optimizer step's micro-batches; the step's mean token loss.
+
+    Dividing each micro-batch's mean by their number would weight a token by how many others
+    share its micro-batch; dividing sums by the step's token count weights every token alike,
+    exactly as one batch holding all the micro-batches would. NaN when nothing is scored.
+    """
+    total = sum(objective.targets(b) for b in batches)
+    if total == 0:
+        return float("nan")
+    loss_sum = torch.zeros((), device=device)
+    for b in batches:
+        b = b.to(device, non_blocking=True)
+        with autocast(device, precision):
+            loss = objective.loss_sum(model, b)
+        (loss / total).backward()
+        loss_sum += loss.detach().float()
+    return float(loss_sum) / total  # one device sync per step, not one per micro-batch
+
+
+class Prefetcher:
+    """Builds the next step's micro-batches in a background thread while this step trains.
+
+    Batches are a pure function of the step, so the thread changes when they are built, never
+    what they are. On CUDA they are pinned, for asynchronous copies to the device.
+    """
+
+    def __init__(
+        self, make: Callable[[int], list[torch.Tensor]], end: int, *, enabled: bool = True
+    ) -> None:
+        self._make = make
+        self._end = end
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="albor-prefetch") if enabled else None
+        self._next: tuple[int, Future[list[torch.Tensor]]] | None = None
+
+    def get(self, step: int) -> list[torch.Tensor]:
+        if self._pool is None:
+            return self._make(step)
+        if self._next is not None and self._next[0] == step:
+            batches = self._next[1].result()
+        else:
+            batches = self._make(step)
+        nxt = step + 1
+        self._next = (nxt, self._pool.submit(self._make, nxt)) if nxt < self._end else None
+        return batches
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> Prefetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @dataclass
@@ -56,6 +172,19 @@ class LoopSettings:
     keep_checkpoints: int
     log_every: int = 10
     max_bad_steps: int = 10
+    precision: Precision = "fp32"
+    compile: bool = False
+    activation_checkpointing: bool = False
+    prefetch: bool = True
+
+    def schedule(self) -> dict[str, Any]:
+        """The LR schedule's settings; with the step, they fix the learning rate."""
+        return {
+            "lr": self.lr,
+            "warmup_steps": self.warmup_steps,
+            "max_steps": self.max_steps,
+            "min_lr_ratio": self.min_lr_ratio,
+        }
 
 
 @dataclass
@@ -69,6 +198,9 @@ class LoopResult:
     resumed_from: int | None
     evals: list[dict[str, Any]] = field(default_factory=list)
     warnings: dict[str, str] = field(default_factory=dict)
+    resume_warnings: list[str] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    state: dict[str, Any] = field(default_factory=dict)
 
 
 class TrainingStopped(AlborError):
@@ -111,29 +243,97 @@ def train(
     eos_token_id: int,
     extra_files: list[Path],
     evaluate: Callable[[], dict[str, Any]] | None = None,
-    loss_fn: LossFn = lm_loss,
+    objective: Objective | None = None,
+    tracker: RunTracker | None = None,
 ) -> LoopResult:
+    """Train `model` to `s.max_steps`, resuming from `run_dir/checkpoints` if a run was there."""
+    objective = objective or NextToken()
     ckpt_root = run_dir / "checkpoints"
     metrics_path = run_dir / "metrics.jsonl"
-    step, tokens, resumed = 0, 0, None
-    evals: list[dict[str, Any]] = []
-    last = checkpoint.latest(ckpt_root)
-    if last is not None:
-        state = checkpoint.restore(last, model, optimizer, device)
-        step, tokens, resumed = int(state["step"]), int(state["tokens"]), int(state["step"])
-        evals = list(state.get("evals", []))
-        log.info("resuming from %s (step %d)", last, step)
-        _truncate_metrics(metrics_path, step)
+    resumed = checkpoint.resume(ckpt_root, model, optimizer, device)
+    st = resumed.state
+    step, tokens = int(st.get("step", 0)), int(st.get("tokens", 0))
+    evals: list[dict[str, Any]] = list(st.get("evals", []))
+    skipped, bad_in_row = int(st.get("skipped_steps", 0)), int(st.get("bad_in_row", 0))
+    last = st.get("last_finite_loss")
+    last_finite = float(last) if last is not None else float("nan")
+    best: dict[str, Any] | None = st.get("best")
+    elapsed_before = float(st.get("elapsed_s", 0.0))
+    resume_warnings = [*st.get("resume_warnings", []), *resumed.warnings]
+    data = {
+        "seed": sampler.seed,
+        "seq_len": sampler.seq_len,
+        "micro_batch": s.micro_batch,
+        "grad_accum": s.grad_accum,
+    }
+    if st:
+        then = {**st.get("schedule", {}), **st.get("data", {})}
+        then.pop("next_step", None)
+        now = {**s.schedule(), **data}
+        if then != now:
+            # Not an error (a deliberate change of schedule is legitimate), but the run is then
+            # no longer the one the checkpoint belonged to, and the record says so.
+            changed = sorted(k for k in now if then.get(k) != now[k])
+            resume_warnings.append(
+                f"{', '.join(changed)} changed since the checkpoint: the run continues with the "
+                "new settings, so it differs from an uninterrupted run"
+            )
+            log.warning(resume_warnings[-1])
+    # Lines after the resume point will be written again; a line cut by a kill is dropped.
+    _truncate_metrics(metrics_path, step)
+    if tracker is not None:
+        tracker.truncate(step)
     tokens_per_step = s.micro_batch * s.grad_accum * sampler.seq_len
+    if resumed.path is not None:
+        log.info("resuming from %s (step %d)", resumed.path, step)
+
+    model.activation_checkpointing = s.activation_checkpointing
+    forward_model = cast(nn.Module, torch.compile(model)) if s.compile else model
+    params = [p for p in model.parameters() if p.requires_grad]
+    pin = device.type == "cuda"
+
+    def make(at: int) -> list[torch.Tensor]:
+        out = [sampler.batch(at, micro, s.micro_batch) for micro in range(s.grad_accum)]
+        return [b.pin_memory() for b in out] if pin else out
+
+    def trainer_state(val_loss: float | None) -> dict[str, Any]:
+        return {
+            "step": step,
+            "tokens": tokens,
+            "loss": None if math.isnan(loss_value) else loss_value,  # JSON has no NaN
+            "last_finite_loss": None if math.isnan(last_finite) else last_finite,
+            "val_loss": val_loss,
+            "best": best,
+            "lr": lr,
+            "schedule": s.schedule(),
+            "data": {**data, "next_step": step},  # batches are a function of these and the step
+            "precision": s.precision,
+            "skipped_steps": skipped,
+            "bad_in_row": bad_in_row,
+            "elapsed_s": round(elapsed, 3),
+            "evals": evals,
+            "resume_warnings": resume_warnings,
+        }
+
     model.train()
-    bad_in_row, skipped = 0, 0
-    last_finite = float("nan")
     t0 = time.perf_counter()
     start_step = step
     health = Health()
+    loss_value, lr, elapsed, val_loss = float("nan"), 0.0, elapsed_before, None
     metrics = open(metrics_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in finally
     try:
-        with _StopSignals() as stop, progress.bar("pretrain", s.max_steps) as bar:
+        if resumed.path is not None or resumed.warnings:
+            # No numeric fields besides the step: plots read every number as a curve.
+            name = resumed.path.name if resumed.path is not None else None
+            _write(
+                metrics,
+                {"step": step, "event": "resume", "checkpoint": name, "warnings": resumed.warnings},
+            )
+        with (
+            _StopSignals() as stop,
+            Prefetcher(make, s.max_steps, enabled=s.prefetch) as prefetch,
+            progress.bar("pretrain", s.max_steps) as bar,
+        ):
             bar.update(completed=step)
             while step < s.max_steps:
                 lr = lr_at(
@@ -145,15 +345,10 @@ def train(
                 )
                 for group in optimizer.param_groups:
                     group["lr"] = lr
+                batches = prefetch.get(step)
                 optimizer.zero_grad(set_to_none=True)
-                loss_sum = 0.0
-                for micro in range(s.grad_accum):
-                    batch = sampler.batch(step, micro, s.micro_batch).to(device, non_blocking=True)
-                    loss = loss_fn(model, batch)
-                    (loss / s.grad_accum).backward()
-                    loss_sum += float(loss.detach())
-                loss_value = loss_sum / s.grad_accum
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip))
+                loss_value = accumulate(forward_model, objective, batches, device, s.precision)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, s.grad_clip))
                 if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
                     skipped += 1
                     bad_in_row += 1
@@ -171,45 +366,57 @@ def train(
                     health.step(step, loss_value, grad_norm)
                 step += 1
                 tokens += tokens_per_step
-                elapsed = time.perf_counter() - t0
+                elapsed = elapsed_before + time.perf_counter() - t0
                 if step % s.log_every == 0 or step == s.max_steps:
-                    rate = (step - start_step) * tokens_per_step / max(elapsed, 1e-9)
-                    _write(
-                        metrics,
-                        {
-                            "step": step,
-                            "loss": round(loss_value, 5),
-                            "lr": lr,
-                            "grad_norm": round(grad_norm, 4),
-                            "tokens": tokens,
-                            "tokens_per_s": round(rate, 1),
-                            "elapsed_s": round(elapsed, 2),
-                        },
-                    )
+                    session = max(elapsed - elapsed_before, 1e-9)
+                    rate = (step - start_step) * tokens_per_step / session
+                    record: dict[str, Any] = {
+                        "step": step,
+                        "loss": loss_value,  # unrounded: a resumed run must match it exactly
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "tokens": tokens,
+                        "tokens_per_s": round(rate, 1),
+                        "elapsed_s": round(elapsed, 2),
+                    }
+                    _write(metrics, record)
+                    if tracker is not None:
+                        tracker.log(**record)
+                val_loss = None
                 if evaluate is not None and (step % s.eval_every == 0 or step == s.max_steps):
                     result = {"step": step, **evaluate()}
                     evals.append(result)
                     _write(metrics, result)
+                    if tracker is not None:
+                        tracker.log(**result)
+                    if isinstance(result.get("val_loss"), int | float):
+                        val_loss = float(result["val_loss"])
+                        if best is None or val_loss < best["val_loss"]:
+                            best = {"step": step, "val_loss": val_loss}
                 bar.update(completed=step, description=f"pretrain loss {loss_value:.3f}")
                 stopping = stop.signal is not None and step < s.max_steps
-                if (step % s.checkpoint_every == 0 and step < s.max_steps) or stopping:
-                    state = {"step": step, "tokens": tokens, "loss": loss_value, "evals": evals}
+                improved = best is not None and best["step"] == step
+                due = step % s.checkpoint_every == 0 or stopping or improved
+                if due and step < s.max_steps:
                     path = checkpoint.save(
                         checkpoint.step_dir(ckpt_root, step),
                         model,
                         optimizer,
-                        state,
+                        trainer_state(val_loss),
                         eos_token_id=eos_token_id,
                         extra_files=extra_files,
                     )
                     checkpoint.prune(ckpt_root, s.keep_checkpoints)
+                    _record_best(ckpt_root, best, s.max_steps)
                     health.checkpoint(step, model)
+                    write_loss_plot(run_dir)
                     if stopping:
                         name = signal.Signals(stop.signal or signal.SIGTERM).name
                         raise TrainingStopped(
                             f"stopped by {name} at step {step} of {s.max_steps}: checkpoint "
                             f"saved to {path}; run the same command again to resume from it"
                         )
+        _record_best(ckpt_root, best, s.max_steps)
     finally:
         metrics.close()
     wall = time.perf_counter() - t0
@@ -221,10 +428,30 @@ def train(
         wall_time_s=wall,
         tokens_per_s=done * tokens_per_step / max(wall, 1e-9),
         skipped_steps=skipped,
-        resumed_from=resumed,
+        resumed_from=checkpoint.step_of(resumed.path) if resumed.path is not None else None,
         evals=evals,
         warnings=health.warnings,
+        resume_warnings=resume_warnings,
+        best=_best_location(best, s.max_steps),
+        state=trainer_state(val_loss),
     )
+
+
+def _best_location(best: dict[str, Any] | None, max_steps: int) -> dict[str, Any] | None:
+    """The best validation so far and where its weights are, relative to the run directory: a
+    kept step directory, or the run's final weights ('.') when the last validation was best."""
+    if best is None:
+        return None
+    step = int(best["step"])
+    where = "." if step == max_steps else f"checkpoints/step-{step:07d}"
+    return {"step": step, "val_loss": float(best["val_loss"]), "path": where}
+
+
+def _record_best(root: Path, best: dict[str, Any] | None, max_steps: int) -> None:
+    """Point `checkpoints/best.json` at the best weights."""
+    found = _best_location(best, max_steps)
+    if found is not None:
+        checkpoint.write_best(root, found["step"], found["val_loss"], found["path"])
 
 
 def _write(f: Any, record: dict[str, Any]) -> None:
@@ -233,12 +460,16 @@ def _write(f: Any, record: dict[str, Any]) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines written after the checkpoint we resume from, so the log has no repeats."""
+    """Drop metric lines written after the step we resume from (they are about to be written
+    again) and any line a kill cut short; atomically, so a second kill cannot lose the log."""
     if not path.exists():
         return
-    keep = [
-        line
-        for line in path.read_text(encoding="utf-8").splitlines()
-        if line.strip() and json.loads(line).get("step", 0) <= step
-    ]
-    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and int(record.get("step", 0)) <= step:
+            keep.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in keep))

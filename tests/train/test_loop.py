@@ -1,0 +1,206 @@
+"""The loop's speed options (bf16, activation checkpointing, prefetch, compile) and its metrics."""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from albor.data.windows import WindowSampler
+from albor.model.gpt import GPT
+from albor.model.presets import preset
+from albor.train.loop import LoopSettings, NextToken, Prefetcher, _truncate_metrics, train
+from albor.train.optim import build_adamw
+
+CPU = torch.device("cpu")
+
+
+def cycle_sampler(seq_len: int = 32) -> WindowSampler:
+    """Token windows from a repeated cycle of 64 distinct ids: each id predicts the next, so a
+    tiny model's loss falls within a few dozen steps."""
+    ids = np.random.default_rng(0).permutation(512)[:64]
+    return WindowSampler([np.tile(ids, 200).astype(np.uint16)], seq_len, seed=0)
+
+
+def settings(**kw: object) -> LoopSettings:
+    base: dict[str, object] = dict(
+        max_steps=40,
+        warmup_steps=4,
+        lr=1e-2,
+        min_lr_ratio=0.1,
+        micro_batch=4,
+        grad_accum=1,
+        grad_clip=1.0,
+        eval_every=10**9,
+        checkpoint_every=10**9,
+        keep_checkpoints=1,
+        log_every=1,
+    )
+    base.update(kw)
+    return LoopSettings(**base)  # type: ignore[arg-type]
+
+
+@dataclass
+class Spy:
+    """Next-token loss that records the dtype the model computed its logits in."""
+
+    dtypes: set[torch.dtype] = field(default_factory=set)
+
+    def targets(self, batch: torch.Tensor) -> int:
+        return NextToken().targets(batch)
+
+    def loss_sum(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        logits = model(batch[:, :-1])
+        self.dtypes.add(logits.dtype)
+        return F.cross_entropy(
+            logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"
+        )
+
+
+def run(tmp_path: Path, s: LoopSettings, spy: Spy | None = None) -> tuple[GPT, list[float]]:
+    torch.manual_seed(0)
+    model = GPT(preset("tiny"))
+    opt = build_adamw(model, s.lr, 0.1, (0.9, 0.95), 1e-8, CPU)
+    train(
+        model,
+        opt,
+        cycle_sampler(),
+        s,
+        device=CPU,
+        run_dir=tmp_path,
+        eos_token_id=0,
+        extra_files=[],
+        objective=spy,
+    )
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for state in opt.state.values():  # fp32 optimizer whatever the precision
+        assert all(v.dtype == torch.float32 for v in state.values())
+    return model, [r["loss"] for r in lines if "loss" in r]
+
+
+def test_bf16_on_cpu_trains_with_fp32_master_weights(tmp_path: Path) -> None:
+    spy = Spy()
+    model, losses = run(tmp_path, settings(precision="bf16"), spy)
+    assert spy.dtypes == {torch.bfloat16}  # autocast was on
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert len(losses) == 40 and losses[-1] < losses[0] - 2.0
+
+
+def test_fp32_is_the_default(tmp_path: Path) -> None:
+    assert settings().precision == "fp32"
+    spy = Spy()
+    run(tmp_path, settings(max_steps=2), spy)
+    assert spy.dtypes == {torch.float32}
+
+
+def test_activation_checkpointing_gives_the_same_gradients() -> None:
+    torch.manual_seed(0)
+    model = GPT(preset("tiny"))
+    x = torch.randint(0, 512, (2, 33))
+    grads = []
+    for recompute in (False, True):
+        model.zero_grad()
+        model.activation_checkpointing = recompute
+        model(x[:, :-1], targets=x[:, 1:]).backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+
+
+def test_prefetched_batches_are_the_batches_of_the_step() -> None:
+    workers: set[str] = set()
+
+    def make(step: int) -> list[torch.Tensor]:
+        workers.add(threading.current_thread().name)
+        return [torch.tensor([step, micro]) for micro in range(2)]
+
+    with Prefetcher(make, end=10) as p:
+        got = [p.get(s) for s in (0, 1, 2, 7, 8, 9)]  # 7: a jump, as after a resume
+    assert [[b.tolist() for b in g] for g in got] == [[[s, 0], [s, 1]] for s in (0, 1, 2, 7, 8, 9)]
+    assert any(name.startswith("albor-prefetch") for name in workers)
+
+    def broken(step: int) -> list[torch.Tensor]:
+        raise ValueError(f"no batch {step}")
+
+    with Prefetcher(broken, end=10) as p, pytest.raises(ValueError, match="no batch 0"):
+        p.get(0)
+
+
+def test_resume_drops_metric_lines_after_it_and_a_line_cut_by_a_kill(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 1.0}) for s in range(1, 6)]
+    path.write_text("\n".join(lines) + '\n{"step": 6, "lo')
+    _truncate_metrics(path, 3)
+    assert path.read_text() == "\n".join(lines[:3]) + "\n"
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_and_saves_plain_names(tmp_path: Path) -> None:
+    _, losses = run(tmp_path, settings(compile=True, max_steps=20, checkpoint_every=10))
+    assert losses[-1] < losses[0]
+    from safetensors.torch import load_file
+
+    names = load_file(tmp_path / "checkpoints" / "step-0000010" / "model.safetensors")
+    assert not any("_orig_mod" in k for k in names)
+
+
+def test_resuming_with_other_settings_is_recorded(tmp_path: Path) -> None:
+    run(tmp_path, settings(max_steps=4, checkpoint_every=2))
+    torch.manual_seed(0)
+    model = GPT(preset("tiny"))
+    s = settings(max_steps=6, lr=5e-3, checkpoint_every=2)
+    opt = build_adamw(model, s.lr, 0.1, (0.9, 0.95), 1e-8, CPU)
+    result = train(
+        model,
+        opt,
+        cycle_sampler(),
+        s,
+        device=CPU,
+        run_dir=tmp_path,
+        eos_token_id=0,
+        extra_files=[],
+    )
+    [warning] = result.resume_warnings
+    assert warning.startswith("lr, max_steps changed since the checkpoint"), warning
+    assert result.steps == 6
+    state = json.loads(
+        (tmp_path / "checkpoints" / "step-0000004" / "trainer_state.json").read_text()
+    )
+    assert state["resume_warnings"] == [warning]  # kept for the next resume
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_on_cuda_trains_with_fused_adamw_and_resumes(tmp_path: Path) -> None:
+    cuda = torch.device("cuda")
+    s = settings(precision="bf16", checkpoint_every=10)
+
+    def once() -> tuple[int | None, list[float]]:
+        torch.manual_seed(0)
+        model = GPT(preset("tiny")).to(cuda)
+        opt = build_adamw(model, s.lr, 0.1, (0.9, 0.95), 1e-8, cuda)
+        assert opt.defaults["fused"]
+        result = train(
+            model,
+            opt,
+            cycle_sampler(),
+            s,
+            device=cuda,
+            run_dir=tmp_path,
+            eos_token_id=0,
+            extra_files=[],
+        )
+        lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+        return result.resumed_from, [r["loss"] for r in lines if "loss" in r]
+
+    resumed, losses = once()
+    assert resumed is None and losses[-1] < losses[0] - 2.0
+    resumed, again = once()  # the same run again: from its last checkpoint, to the same end
+    assert resumed == 30 and len(again) == 40
