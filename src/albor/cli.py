@@ -188,7 +188,94 @@ def stage_group(kind: str) -> click.Group:
             )
             out.print(f"[bold]{key}[/] (default {default}): {field.description or ''}")
 
+    if kind == "train":
+        group.add_command(watch_command(target, epilog))
     return group
+
+
+def watch_command(target: str, epilog: str) -> click.Command:
+    """`albor train watch`: run `train apply` under the crash-restarting supervisor."""
+
+    @click.command(name="watch", epilog=epilog)
+    @click.argument("config", metavar="CONFIG")
+    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+    @click.option(
+        "--stage", "stage_name", help="With a pipeline manifest: which stage of this type."
+    )
+    @click.option("--max-restarts", default=10, show_default=True, help="Give up after this many.")
+    @click.option(
+        "--stall-timeout",
+        default=600.0,
+        show_default=True,
+        help="Seconds without a new step (or metrics line) before the run counts as hung.",
+    )
+    @click.option(
+        "--backoff-base", default=30.0, show_default=True, help="First wait before a restart (s)."
+    )
+    @click.option(
+        "--backoff-cap", default=600.0, show_default=True, help="Longest wait before a restart (s)."
+    )
+    @click.option(
+        "--stable-after",
+        default=3600.0,
+        show_default=True,
+        help="A run this long (s) before its crash resets the backoff.",
+    )
+    @click.option(
+        "--kill-grace",
+        default=30.0,
+        show_default=True,
+        help="Seconds between SIGTERM and SIGKILL when stopping a hung run.",
+    )
+    def watch_cmd(
+        config: str,
+        overrides: tuple[str, ...],
+        stage_name: str | None,
+        max_restarts: int,
+        stall_timeout: float,
+        backoff_base: float,
+        backoff_cap: float,
+        stable_after: float,
+        kill_grace: float,
+    ) -> None:
+        """Run `train apply CONFIG` and keep it running: restart it after a crash or a hang.
+
+        Each crash is written up in the run dir's crash-reports/ (exit code or signal, what it
+        likely means, last step and loss, the tail of stderr); the run resumes from its newest
+        checkpoint after an exponential backoff. Ctrl-C / SIGTERM stop the run cleanly (it saves
+        a checkpoint). Exit 0 when the run is done or stopped, 1 when the restarts ran out."""
+        from albor.stage import require_output
+        from albor.train.supervisor import Supervisor, WatchSettings, stage_run_dir
+
+        _, cfg, _, _ = resolve_stage_config(target, config, overrides, stage_name)
+        try:
+            settings = WatchSettings(
+                max_restarts=max_restarts,
+                stall_timeout=stall_timeout,
+                backoff_base=backoff_base,
+                backoff_cap=backoff_cap,
+                stable_after=stable_after,
+                kill_grace=kill_grace,
+            )
+        except ValueError as e:
+            raise click.UsageError(str(e)) from e
+        command = [sys.executable, "-m", "albor", "train", "apply", config]
+        for o in overrides:
+            command += ["--set", o]
+        if stage_name:
+            command += ["--stage", stage_name]
+        supervisor = Supervisor(
+            command,
+            stage_run_dir(require_output(cfg).absolute()),
+            settings,
+            notify=lambda line: err.print(f"watch: {line}", style="yellow", markup=False),
+        )
+        result = supervisor.run()
+        (err if result.exit_code else out).print(f"watch: {result.message}", markup=False)
+        if result.exit_code:
+            raise Exit(result.exit_code)
+
+    return watch_cmd
 
 
 # ----- pipeline ------------------------------------------------------------------------------
