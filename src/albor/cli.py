@@ -158,6 +158,8 @@ def stage_group(kind: str) -> click.Group:
         if as_json:
             progress.quiet()
         result = run_stage(module, cfg, name=name, force=force)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return  # under torchrun, rank 0 reports for all
         if as_json:
             emit_json(
                 {

@@ -281,10 +281,14 @@ def run_stage(
     fp = state.fingerprint or fingerprint(module, cfg)
     work = partial_dir(output)
     marker = work / ".fingerprint"
-    if work.exists() and (not marker.exists() or marker.read_text() != fp or force):
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(marker, fp)
+    # Under torchrun only rank 0 writes; the other ranks take part in apply, then wait for the
+    # artifact to be in place (torch is imported only when a launch made it necessary).
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if rank0:
+        if work.exists() and (not marker.exists() or marker.read_text() != fp or force):
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(marker, fp)
     started = datetime.now(UTC)
     t0 = time.perf_counter()
     try:
@@ -296,6 +300,13 @@ def run_stage(
     except Exception as e:
         raise StageFailed(f"{name}: {type(e).__name__}: {e}") from e
     wall = time.perf_counter() - t0
+    if not rank0:
+        from albor.train import distributed
+
+        if not distributed.active():
+            raise StageFailed(f"{name}: this stage does not run under torchrun: run one process")
+        distributed.barrier()  # rank 0 has swapped the artifact in
+        return RunResult(name, "ran", output, read_manifest(output), plan)
     if outcome.counts is not None:
         check_counts(name, outcome.counts)
     outputs = describe_outputs(work)
@@ -319,6 +330,10 @@ def run_stage(
     _swap_in(work, output)
     # Only now: a kill before the swap must find the marker and keep the partial work.
     (output / marker.name).unlink(missing_ok=True)
+    if "RANK" in os.environ:
+        from albor.train import distributed
+
+        distributed.barrier()  # the other ranks may now exit
     return RunResult(name, "ran", output, manifest, plan)
 
 

@@ -98,12 +98,68 @@ class Config(OutputConfig):
     prefetch: bool = Field(
         True, description="Build the next step's batches in a background thread."
     )
-    threads: int | None = Field(None, gt=0, description="CPU threads (default: all cores).")
+    threads: int | None = Field(
+        None, gt=0, description="CPU threads (per rank under torchrun; default: all cores)."
+    )
+    distributed: Literal["none", "ddp", "fsdp"] | None = Field(
+        None,
+        description="Under torchrun: ddp (a full replica per rank, gradients all-reduced) or "
+        "fsdp (FSDP2: parameters, gradients and optimizer state sharded over ranks, for models "
+        "that do not fit one device). Default: ddp when launched with WORLD_SIZE > 1, else "
+        "none. micro_batch is per rank: tokens per step = micro_batch x grad_accum x seq_len x "
+        "world size.",
+    )
 
 
 def model_config(cfg: Config) -> ModelConfig:
     overrides = {k: v for k, v in cfg.architecture.model_dump().items() if v is not None}
     return preset(cfg.model, **overrides)
+
+
+def resolve_distributed(cfg: Config) -> Literal["none", "ddp", "fsdp"]:
+    """The parallelism the run uses: as set, else ddp under a multi-process torchrun."""
+    from albor.train import distributed
+
+    if cfg.distributed is not None:
+        return cfg.distributed
+    return "ddp" if distributed.launched() else "none"
+
+
+def _check_distributed(cfg: Config, p: Plan, device: str) -> int:
+    """Check the parallelism against how the process was launched; the world size it trains on."""
+    from albor.train import distributed
+
+    mode, world = resolve_distributed(cfg), distributed.world_size()
+    if world == 1:
+        p.warn_if(
+            "distributed",
+            mode != "none",
+            f"distributed: {mode} in a single process trains as a plain run: launch with "
+            "`torchrun --nproc-per-node N -m albor train apply CONFIG`",
+            "one process",
+        )
+        return 1
+    backend = "nccl" if device == "cuda" else "gloo"
+    if mode == "fsdp" and device != "cuda":
+        import importlib.util
+
+        ok = importlib.util.find_spec("torch.distributed.fsdp") is not None
+        p.require(
+            "distributed",
+            ok,
+            f"fsdp (FSDP2) over {world} processes ({backend}, CPU)",
+            "fsdp needs torch.distributed.fsdp.fully_shard (PyTorch >= 2.6): upgrade torch "
+            "or use distributed: ddp",
+        )
+        return world
+    p.require(
+        "distributed",
+        mode != "none",
+        f"{mode} over {world} processes ({backend}, rank {distributed.rank()})",
+        f"distributed: none under torchrun with WORLD_SIZE {world} would train {world} "
+        "unrelated copies: set distributed: ddp (or fsdp), or launch one process",
+    )
+    return world
 
 
 def resolve_device(cfg: Config) -> str:
@@ -283,9 +339,13 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
         f"warmup_steps {cfg.warmup_steps} >= max_steps {cfg.max_steps}: the learning rate "
         "would never reach its peak; use a warmup of about 1-10% of max_steps",
     )
-    tokens_per_step = cfg.micro_batch * cfg.grad_accum * seq
+    world = _check_distributed(cfg, p, resolve_device(cfg))
+    tokens_per_step = cfg.micro_batch * cfg.grad_accum * seq * world
     total_tokens = tokens_per_step * cfg.max_steps
     p.estimates["parameters"] = {"total": n, "human": format_count(n)}
+    if world > 1:
+        p.estimates["world_size"] = world
+        p.estimates["distributed"] = resolve_distributed(cfg)
     p.estimates["tokens_per_step"] = tokens_per_step
     p.estimates["steps"] = cfg.max_steps
     p.estimates["total_tokens"] = total_tokens
@@ -298,7 +358,12 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
         f"{tokens_per_step:,} tokens per optimizer step is far below the ~{wanted:,}+ a "
         f"{format_count(n)}-parameter model needs (ALB-080: 4K tokens/step for 350M plateaued): "
         "raise grad_accum or micro_batch",
-        f"{tokens_per_step:,} tokens per optimizer step",
+        f"{tokens_per_step:,} tokens per optimizer step"
+        + (
+            f" (global: {cfg.micro_batch} x {cfg.grad_accum} x {seq} x {world} ranks)"
+            if world > 1
+            else ""
+        ),
     )
     p.warn_if(
         "decay",
@@ -421,12 +486,17 @@ def _train(cfg: Config, ctx: ApplyContext) -> Outcome:
     from albor.model.gpt import GPT
     from albor.track.plot import write_loss_plot
     from albor.track.runs import RunTracker, db_path_for
-    from albor.train import checkpoint
-    from albor.train.loop import LoopSettings, train
+    from albor.train import checkpoint, distributed
+    from albor.train.loop import LoopSettings, gather_for_save, train
     from albor.train.optim import build_adamw
 
     assert cfg.data is not None
-    device = torch.device(resolve_device(cfg))
+    mode = resolve_distributed(cfg)
+    if distributed.launched():
+        device = distributed.init(resolve_device(cfg))
+    else:
+        device = torch.device(resolve_device(cfg))
+    rank0 = distributed.is_rank0()
     mc = model_config(cfg)
     seq = cfg.seq_len or mc.max_seq_len
     index = TokenIndex.load(cfg.data)
@@ -435,9 +505,15 @@ def _train(cfg: Config, ctx: ApplyContext) -> Outcome:
     sampler = WindowSampler(open_split(cfg.data, "train"), seq, cfg.seed)
     val_shards = open_split(cfg.data, "val") if "val" in index.splits else []
 
-    torch.manual_seed(cfg.seed)
-    model = GPT(mc).to(device)
-    model.init_weights()
+    torch.manual_seed(cfg.seed)  # the same on every rank: replicas start equal
+    if mode == "fsdp" and distributed.active():
+        # Built on the CPU, sharded block by block; fully_shard moves each shard to the device.
+        model = GPT(mc)
+        model.init_weights()
+        distributed.shard(model, list(model.model.layers))
+    else:
+        model = GPT(mc).to(device)
+        model.init_weights()
     optimizer = build_adamw(
         model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps, device
     )
@@ -471,7 +547,23 @@ def _train(cfg: Config, ctx: ApplyContext) -> Outcome:
         compile=cfg.compile,
         activation_checkpointing=cfg.activation_checkpointing,
         prefetch=cfg.prefetch,
+        distributed=mode,
     )
+    if not rank0:
+        # Trains in step with rank 0 and writes nothing: no tracker, no final weights.
+        train(
+            model,
+            optimizer,
+            sampler,
+            settings,
+            device=device,
+            run_dir=ctx.out,
+            eos_token_id=index.eos_id,
+            extra_files=tok_files,
+            evaluate=evaluate if has_val else None,
+        )
+        gather_for_save(model, optimizer, fsdp=mode == "fsdp")
+        return Outcome(summary=f"rank {distributed.rank()} done", metrics={})
     tracker = RunTracker.open(
         db_path_for(ctx.out),
         ctx.name,
@@ -498,10 +590,12 @@ def _train(cfg: Config, ctx: ApplyContext) -> Outcome:
             tracker=tracker,
         )
         final_eval = result.evals[-1] if result.evals else {}
+        full = gather_for_save(model, optimizer, fsdp=mode == "fsdp")
+        assert full is not None  # rank 0
         checkpoint.write(
             ctx.out,
-            model,
-            optimizer,
+            full[0],
+            full[1],
             result.state,
             eos_token_id=index.eos_id,
             extra_files=tok_files,

@@ -14,6 +14,11 @@ steps. Checkpoints (`checkpoint.py`) every `checkpoint_every` steps, when valida
 on SIGINT / SIGTERM. A run restarted with the same directory resumes from the newest usable
 checkpoint, even after SIGKILL: batches are step-indexed and the weights, optimizer, RNG states,
 counters and schedule position are all restored, so it continues exactly as if never stopped.
+
+Under torchrun (`distributed.py`) with DDP or FSDP2, each rank takes its slice of the batch one
+process with `micro_batch x world` would draw, the loss is normalised by the step's token count
+over all ranks, and the gradients are reduced only on the last micro-batch: the update is that
+of the single process with the global batch. Rank 0 alone writes metrics and checkpoints.
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ import contextlib
 import json
 import logging
 import math
+import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +48,7 @@ from albor.errors import AlborError, StageFailed
 from albor.model.gpt import GPT
 from albor.track.plot import write_loss_plot
 from albor.track.runs import RunTracker
-from albor.train import checkpoint
+from albor.train import checkpoint, distributed
 from albor.train.health import Health
 from albor.train.optim import lr_at
 
@@ -101,23 +107,40 @@ def accumulate(
     batches: list[torch.Tensor],
     device: torch.device,
     precision: Precision = "fp32",
+    *,
+    no_sync: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
 ) -> float:
     """Forward and backward over one optimizer step's micro-batches; the step's mean token loss.
 
     Dividing each micro-batch's mean by their number would weight a token by how many others
     share its micro-batch; dividing sums by the step's token count weights every token alike,
     exactly as one batch holding all the micro-batches would. NaN when nothing is scored.
+
+    Under DDP / FSDP the count is the whole step's over every rank, and each rank's loss is
+    multiplied by the world size because the gradient reduction averages over ranks: the update
+    is then that of one process holding the global batch. `no_sync` (the wrapper's way to skip
+    the gradient reduction) is entered for every micro-batch but the last.
     """
+    world = distributed.world_size() if distributed.active() else 1
     total = sum(objective.targets(b) for b in batches)
+    if world > 1:
+        total = int(distributed.all_reduce_sum(total, device))
     if total == 0:
         return float("nan")
     loss_sum = torch.zeros((), device=device)
-    for b in batches:
+    for i, b in enumerate(batches):
         b = b.to(device, non_blocking=True)
-        with autocast(device, precision):
-            loss = objective.loss_sum(model, b)
-        (loss / total).backward()
+        last = i == len(batches) - 1
+        with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
+            with autocast(device, precision):
+                loss = objective.loss_sum(model, b)
+            if world == 1:
+                (loss / total).backward()
+            else:
+                (loss * (world / total)).backward()
         loss_sum += loss.detach().float()
+    if world > 1:
+        return distributed.all_reduce_sum(float(loss_sum), device) / total
     return float(loss_sum) / total  # one device sync per step, not one per micro-batch
 
 
@@ -176,6 +199,7 @@ class LoopSettings:
     compile: bool = False
     activation_checkpointing: bool = False
     prefetch: bool = True
+    distributed: Literal["none", "ddp", "fsdp"] = "none"
 
     def schedule(self) -> dict[str, Any]:
         """The LR schedule's settings; with the step, they fix the learning rate."""
@@ -250,7 +274,15 @@ def train(
     objective = objective or NextToken()
     ckpt_root = run_dir / "checkpoints"
     metrics_path = run_dir / "metrics.jsonl"
-    resumed = checkpoint.resume(ckpt_root, model, optimizer, device)
+    world, rank0 = distributed.world_size(), distributed.is_rank0()
+    mode = s.distributed if distributed.active() else "none"
+    if mode == "none" and distributed.active():
+        raise AlborError(
+            f"distributed: none in a job of {world} processes would train {world} unrelated "
+            "copies: set distributed: ddp (or fsdp), or launch one process"
+        )
+    world = world if mode != "none" else 1
+    resumed = _resume(ckpt_root, model, optimizer, device, fsdp=mode == "fsdp")
     st = resumed.state
     step, tokens = int(st.get("step", 0)), int(st.get("tokens", 0))
     evals: list[dict[str, Any]] = list(st.get("evals", []))
@@ -266,10 +298,12 @@ def train(
         "micro_batch": s.micro_batch,
         "grad_accum": s.grad_accum,
     }
+    if world > 1:  # absent for one process, so single-process checkpoints read as before
+        data["world_size"] = world
     if st:
-        then = {**st.get("schedule", {}), **st.get("data", {})}
+        then = {"world_size": 1, **st.get("schedule", {}), **st.get("data", {})}
         then.pop("next_step", None)
-        now = {**s.schedule(), **data}
+        now = {"world_size": 1, **s.schedule(), **data}
         if then != now:
             # Not an error (a deliberate change of schedule is legitimate), but the run is then
             # no longer the one the checkpoint belonged to, and the record says so.
@@ -280,21 +314,60 @@ def train(
             )
             log.warning(resume_warnings[-1])
     # Lines after the resume point will be written again; a line cut by a kill is dropped.
-    _truncate_metrics(metrics_path, step)
+    if rank0:
+        _truncate_metrics(metrics_path, step)
     if tracker is not None:
         tracker.truncate(step)
-    tokens_per_step = s.micro_batch * s.grad_accum * sampler.seq_len
+    tokens_per_step = s.micro_batch * s.grad_accum * sampler.seq_len * world
     if resumed.path is not None:
         log.info("resuming from %s (step %d)", resumed.path, step)
 
     model.activation_checkpointing = s.activation_checkpointing
     forward_model = cast(nn.Module, torch.compile(model)) if s.compile else model
+    no_sync: Callable[[], contextlib.AbstractContextManager[Any]] | None = None
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        ddp = DistributedDataParallel(forward_model, device_ids=ids)
+        forward_model, no_sync = ddp, ddp.no_sync
+    elif mode == "fsdp":
+        no_sync = distributed.fsdp_no_sync(model)
     params = [p for p in model.parameters() if p.requires_grad]
     pin = device.type == "cuda"
+    me = distributed.rank()
 
     def make(at: int) -> list[torch.Tensor]:
-        out = [sampler.batch(at, micro, s.micro_batch) for micro in range(s.grad_accum)]
+        if world == 1:
+            out = [sampler.batch(at, micro, s.micro_batch) for micro in range(s.grad_accum)]
+        else:
+            # This rank's slice of the batch one process with micro_batch x world would draw.
+            lo, hi = me * s.micro_batch, (me + 1) * s.micro_batch
+            out = [
+                sampler.batch(at, micro, s.micro_batch * world)[lo:hi]
+                for micro in range(s.grad_accum)
+            ]
         return [b.pin_memory() for b in out] if pin else out
+
+    def save(directory: Path, val_loss: float | None) -> Path | None:
+        """Write a checkpoint from rank 0 (FSDP: every rank gathers, rank 0 writes)."""
+        found = gather_for_save(model, optimizer, fsdp=mode == "fsdp")
+        if found is None:
+            return None
+        full, full_optimizer = found
+        path = checkpoint.save(
+            directory,
+            full,
+            full_optimizer,
+            trainer_state(val_loss),
+            eos_token_id=eos_token_id,
+            extra_files=extra_files,
+        )
+        checkpoint.prune(ckpt_root, s.keep_checkpoints)
+        _record_best(ckpt_root, best, s.max_steps)
+        health.checkpoint(step, full)
+        write_loss_plot(run_dir)
+        return path
 
     def trainer_state(val_loss: float | None) -> dict[str, Any]:
         return {
@@ -320,7 +393,8 @@ def train(
     start_step = step
     health = Health()
     loss_value, lr, elapsed, val_loss = float("nan"), 0.0, elapsed_before, None
-    metrics = open(metrics_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in finally
+    # Only rank 0 writes; the others write their (identical) lines nowhere.
+    metrics = open(metrics_path if rank0 else os.devnull, "a", encoding="utf-8")  # noqa: SIM115
     try:
         if resumed.path is not None or resumed.warnings:
             # No numeric fields besides the step: plots read every number as a curve.
@@ -332,7 +406,7 @@ def train(
         with (
             _StopSignals() as stop,
             Prefetcher(make, s.max_steps, enabled=s.prefetch) as prefetch,
-            progress.bar("pretrain", s.max_steps) as bar,
+            progress.bar("pretrain", s.max_steps) if rank0 else _no_bar() as bar,
         ):
             bar.update(completed=step)
             while step < s.max_steps:
@@ -347,8 +421,13 @@ def train(
                     group["lr"] = lr
                 batches = prefetch.get(step)
                 optimizer.zero_grad(set_to_none=True)
-                loss_value = accumulate(forward_model, objective, batches, device, s.precision)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, s.grad_clip))
+                loss_value = accumulate(
+                    forward_model, objective, batches, device, s.precision, no_sync=no_sync
+                )
+                # The full gradient's norm: DDP has averaged it, FSDP's DTensors reduce it.
+                grad_norm = distributed.to_float(
+                    torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+                )
                 if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
                     skipped += 1
                     bad_in_row += 1
@@ -384,7 +463,10 @@ def train(
                         tracker.log(**record)
                 val_loss = None
                 if evaluate is not None and (step % s.eval_every == 0 or step == s.max_steps):
-                    result = {"step": step, **evaluate()}
+                    # FSDP's forward needs every rank; under DDP rank 0 validates alone.
+                    result = {"step": step, **evaluate()} if rank0 or mode == "fsdp" else {}
+                    if mode == "ddp":
+                        result = distributed.broadcast(result)
                     evals.append(result)
                     _write(metrics, result)
                     if tracker is not None:
@@ -394,29 +476,23 @@ def train(
                         if best is None or val_loss < best["val_loss"]:
                             best = {"step": step, "val_loss": val_loss}
                 bar.update(completed=step, description=f"pretrain loss {loss_value:.3f}")
-                stopping = stop.signal is not None and step < s.max_steps
+                # Every rank must stop at the same step, whichever the signal reached first.
+                stopping = distributed.any_rank(stop.signal is not None, device)
+                stopping = stopping and step < s.max_steps
                 improved = best is not None and best["step"] == step
                 due = step % s.checkpoint_every == 0 or stopping or improved
                 if due and step < s.max_steps:
-                    path = checkpoint.save(
-                        checkpoint.step_dir(ckpt_root, step),
-                        model,
-                        optimizer,
-                        trainer_state(val_loss),
-                        eos_token_id=eos_token_id,
-                        extra_files=extra_files,
-                    )
-                    checkpoint.prune(ckpt_root, s.keep_checkpoints)
-                    _record_best(ckpt_root, best, s.max_steps)
-                    health.checkpoint(step, model)
-                    write_loss_plot(run_dir)
+                    path = save(checkpoint.step_dir(ckpt_root, step), val_loss)
+                    distributed.barrier()  # no rank runs ahead of a checkpoint being written
                     if stopping:
                         name = signal.Signals(stop.signal or signal.SIGTERM).name
                         raise TrainingStopped(
                             f"stopped by {name} at step {step} of {s.max_steps}: checkpoint "
-                            f"saved to {path}; run the same command again to resume from it"
+                            f"saved to {path or checkpoint.step_dir(ckpt_root, step)}; run the "
+                            "same command again to resume from it"
                         )
-        _record_best(ckpt_root, best, s.max_steps)
+        if rank0:
+            _record_best(ckpt_root, best, s.max_steps)
     finally:
         metrics.close()
     wall = time.perf_counter() - t0
@@ -435,6 +511,80 @@ def train(
         best=_best_location(best, s.max_steps),
         state=trainer_state(val_loss),
     )
+
+
+@contextlib.contextmanager
+def _no_bar() -> Iterator[progress.Bar]:
+    """The progress bar of a rank other than 0: none."""
+    yield progress.Bar(None)
+
+
+class _FullOptimizerState:
+    """Stands in for the optimizer when a checkpoint is written from a gathered state."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self._state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._state
+
+
+def gather_for_save(
+    model: GPT, optimizer: torch.optim.Optimizer, *, fsdp: bool
+) -> tuple[GPT, torch.optim.Optimizer] | None:
+    """What rank 0 writes as a checkpoint: the model and optimizer (None on other ranks).
+
+    Under FSDP every rank must call it: the shards are gathered into full tensors on rank 0's
+    CPU, in a plain `GPT` there, with the optimizer state keyed by parameter name (what
+    `torch.distributed.checkpoint.state_dict` reads back on resume).
+    """
+    if not fsdp:
+        return (model, optimizer) if distributed.is_rank0() else None
+    weights, optim = distributed.full_state(model, optimizer)
+    if not distributed.is_rank0():
+        return None
+    full = GPT(model.cfg)  # on rank 0's CPU, where memory is plentiful
+    full.load_state_dict(weights)
+    return full, cast(torch.optim.Optimizer, _FullOptimizerState(optim))
+
+
+def _resume(
+    root: Path, model: GPT, optimizer: torch.optim.Optimizer, device: torch.device, *, fsdp: bool
+) -> checkpoint.Resume:
+    """`checkpoint.resume` on every rank from the same checkpoint: rank 0 picks it (removing
+    unusable ones, the only writing), the others then read it."""
+    if not distributed.active():
+        return checkpoint.resume(root, model, optimizer, device)
+    found = checkpoint.Resume(None, {}, [])
+    if distributed.is_rank0():
+        if fsdp:
+            probe = GPT(model.cfg)  # a CPU stand-in: the choice is made by reading the files
+            found = checkpoint.resume(
+                root, probe, cast(torch.optim.Optimizer, _Ignore()), torch.device("cpu")
+            )
+        else:
+            found = checkpoint.resume(root, model, optimizer, device)
+    path, warnings = distributed.broadcast((found.path, found.warnings))
+    if path is None:
+        return checkpoint.Resume(None, {}, warnings)
+    if fsdp:
+        loaded = checkpoint.load(path, model, torch.device("cpu"))
+        distributed.load_full_state(model, optimizer, loaded.weights, loaded.optimizer)
+        checkpoint.set_rng_state(loaded.rng)
+    elif not distributed.is_rank0():
+        loaded = checkpoint.load(path, model, device)
+        checkpoint.apply(loaded, model, optimizer)
+    else:
+        return found
+    return checkpoint.Resume(path, loaded.state, warnings)
+
+
+class _Ignore:
+    """An optimizer whose state is loaded elsewhere (FSDP resume picks the checkpoint on a
+    stand-in model, then loads it into the shards)."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state
 
 
 def _best_location(best: dict[str, Any] | None, max_steps: int) -> dict[str, Any] | None:
