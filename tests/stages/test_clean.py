@@ -270,3 +270,22 @@ def test_config_validation(tmp_path: Path) -> None:
         config(tmp_path, tmp_path, min_alnum_fraction=1.5)
     with pytest.raises(ConfigError, match="max_line_lenght: unknown key"):
         config(tmp_path, tmp_path, max_line_lenght=10)
+
+
+def test_workers_change_nothing_in_the_output(messy: Callable[..., Path], tmp_path: Path) -> None:
+    src = messy()
+    results = {}
+    for workers in (1, 2):
+        # Cold measures and a partial profile sample: the workers measure and parse most rows.
+        filters.MEASURES.clear()
+        out = tmp_path / f"w{workers}"
+        results[workers] = run(
+            config(src, out, workers=workers, batch_rows=4, plan_sample_rows=7, max_bytes="2M")
+        )
+    one, two = results[1].manifest, results[2].manifest
+    for name in ("corpus.parquet", "rejected.parquet"):
+        assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes()
+    assert one["counts"] == two["counts"] and one["metrics"] == two["metrics"]
+    assert one["metrics"]["profiles_sample"] == {"rows": 7, "of": 20 + len(BAD)}
+    assert two["config"]["workers"] == 2
+    assert results[2].plan.estimates["workers"] == 2

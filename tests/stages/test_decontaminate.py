@@ -206,3 +206,17 @@ def test_config_validation(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="short_texts"):
         config(tmp_path, tmp_path, short_texts="some")
     assert config(tmp_path, tmp_path, ngram="1e1").ngram == 10
+
+
+def test_workers_change_nothing_in_the_output(
+    corpus_artifact: Callable[..., Path], stdlib_texts: list[tuple[str, str]], tmp_path: Path
+) -> None:
+    texts = [*stdlib_texts[:8], ("embed.py", EMBED), *stdlib_texts[8:], ("snippet.py", SNIPPET)]
+    src = corpus_artifact(texts)
+    one, two = (
+        run(config(src, tmp_path / f"w{w}", workers=w, batch_rows=3)).manifest for w in (1, 2)
+    )
+    for name in ("corpus.parquet", "rejected.parquet", "report.json"):
+        assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes()
+    assert one["counts"] == two["counts"] == {"in": 22, "kept": 21, "rejected": {"contaminated": 1}}
+    assert one["metrics"] == two["metrics"]

@@ -8,8 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from datasketch import LeanMinHash, MinHashLSH
 
 from albor.config import validate
 from albor.data import minhash
@@ -200,3 +202,47 @@ def test_config_validation(tmp_path: Path, knobs: dict[str, Any], message: str) 
     with pytest.raises(ConfigError, match=message):
         config(tmp_path, tmp_path, **knobs)
     assert config(tmp_path, tmp_path, num_perm="0.5K", threshold=1.0).num_perm == 512
+
+
+def test_workers_change_nothing_in_the_output(
+    corpus_artifact: Callable[..., Path], dupes: Texts, tmp_path: Path
+) -> None:
+    # Duplicates across batches (heapq.py and its variant) and within one (the copies at the end).
+    texts = dict(dupes)
+    corpus = [
+        *dupes,
+        ("copy/fnmatch.py", texts["fnmatch.py"]),
+        ("copy2/fnmatch.py", texts["fnmatch.py"]),
+    ]
+    src = corpus_artifact(corpus)
+    one, two = (
+        run(config(src, tmp_path / f"w{w}", workers=w, batch_rows=3)).manifest for w in (1, 2)
+    )
+    for name in ("corpus.parquet", "rejected.parquet", "report.json"):
+        assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes()
+    assert one["counts"] == two["counts"]
+    assert one["counts"]["rejected"] == {"exact_duplicate": 3, "near_duplicate": 1}
+    assert one["metrics"] == two["metrics"]
+
+
+def test_lsh_candidates_are_datasketchs() -> None:
+    """The sorted-band LSH finds exactly the pairs `MinHashLSH` with the same bands returns, and
+    `similarities` is `MinHash.jaccard`."""
+    rng = np.random.default_rng(0)
+    # Values from a tiny range collide often, so many pairs share a band (some several).
+    signatures = rng.integers(0, 3, size=(80, 32), dtype=np.uint64)
+    bands, rows = 8, 4
+    lsh = MinHashLSH(threshold=0.5, num_perm=32, params=(bands, rows))
+    sketches = [LeanMinHash(seed=1, hashvalues=s, scheme=minhash.SCHEME) for s in signatures]
+    for i, m in enumerate(sketches):
+        lsh.insert(i, m)
+    expected = sorted(
+        {(min(i, j), max(i, j)) for i, m in enumerate(sketches) for j in lsh.query(m) if j != i}
+    )
+    pairs = minhash.candidate_pairs(signatures, bands, rows)
+    assert len(expected) > 50
+    assert [tuple(p) for p in pairs.tolist()] == expected
+    assert minhash.similarities(signatures, pairs).tolist() == [
+        sketches[i].jaccard(sketches[j]) for i, j in expected
+    ]
+    assert minhash.candidate_pairs(signatures[:1], bands, rows).shape == (0, 2)

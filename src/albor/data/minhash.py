@@ -14,7 +14,11 @@ They are returned as `LeanMinHash`, so `MinHash.jaccard` and `MinHashLSH` take t
 
 `lsh_bands` picks the LSH bands × rows the way datasketch does (least false-positive plus
 false-negative area around the threshold) but never fewer than two bands, which datasketch refuses
-and which it would pick for thresholds near 1.
+and which it would pick for thresholds near 1. `candidate_pairs` then finds the pairs that agree
+on a whole band, the very pairs datasketch's `MinHashLSH` with those bands makes candidates, by
+sorting each band of a signature matrix rather than hashing every band into a bucket: the index
+costs no memory beyond the signatures themselves, where `MinHashLSH` keeps about 10 KB of Python
+objects per document at 256 permutations. `similarities` verifies pairs as `MinHash.jaccard` does.
 """
 
 from __future__ import annotations
@@ -131,6 +135,47 @@ def _trapezoid(y: np.ndarray, dx: float) -> np.ndarray:
 def candidate_probability(similarity: float, bands: int, rows: int) -> float:
     """Chance that LSH with `bands` x `rows` makes a pair of this Jaccard similarity a candidate."""
     return float(1.0 - (1.0 - similarity**rows) ** bands)
+
+
+def candidate_pairs(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """The distinct pairs (i, j), i < j, of rows of `signatures` (one signature per row) equal in
+    all `rows` values of at least one of the first `bands` bands, as an (m, 2) int64 array in
+    ascending order: what `MinHashLSH(params=(bands, rows))` would return as candidates, since
+    its buckets are the bytes of a band. Each band is sorted (lexicographically, so equal bands
+    are adjacent and nothing is hashed), which needs a band-sized copy, not a bucket table."""
+    n = len(signatures)
+    found: list[np.ndarray] = []
+    for b in range(bands):
+        band = signatures[:, b * rows : (b + 1) * rows]
+        order = np.lexsort(band.T)
+        ordered = band[order]
+        same = (ordered[1:] == ordered[:-1]).all(axis=1)
+        if not same.any():
+            continue
+        # Runs of equal bands, from where `same` turns on (start) to where it turns off (last).
+        edges = np.flatnonzero(np.diff(np.concatenate(([False], same, [False])).astype(np.int8)))
+        for start, last in zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True):
+            members = np.sort(order[start : last + 1])
+            i, j = np.triu_indices(len(members), 1)
+            # One int64 per pair, so that pairs found in several bands collapse in np.unique.
+            found.append(members[i] * n + members[j])
+    if not found:
+        return np.empty((0, 2), dtype=np.int64)
+    codes = np.unique(np.concatenate(found))
+    return np.stack([codes // n, codes % n], axis=1)
+
+
+def similarities(signatures: np.ndarray, pairs: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """The estimated Jaccard similarity of each pair of rows of `signatures`: the share of equal
+    values, computed exactly as `MinHash.jaccard` computes it, a chunk of pairs at a time so the
+    scratch memory stays at a few MB."""
+    out = np.empty(len(pairs), dtype=np.float64)
+    width = float(signatures.shape[1])
+    for start in range(0, len(pairs), chunk):
+        p = pairs[start : start + chunk]
+        equal = np.count_nonzero(signatures[p[:, 0]] == signatures[p[:, 1]], axis=1)
+        out[start : start + chunk] = equal / width
+    return out
 
 
 class Signer:

@@ -161,6 +161,12 @@ class NgramIndex:
         """Distinct n-grams each benchmark holds (a gram two benchmarks share counts for both)."""
         return {name: s.ngrams for name, s in self.stats.items()}
 
+    def ready(self) -> NgramIndex:
+        """This index, sorted for matching now rather than on the first match, so that a copy
+        sent to each worker process (it pickles, sorted array included) arrives ready."""
+        self._array()
+        return self
+
     def _array(self) -> np.ndarray:
         if self._sorted is None:
             self._sorted = np.sort(np.fromiter(self._owners, dtype=np.uint64, count=len(self)))

@@ -11,30 +11,37 @@ overrides its profile's value, and null (or false) turns that filter off. `clean
 existing corpus measures its first `plan_sample_rows` documents once and shows what each profile
 would keep, without writing anything; apply records the same table in its manifest, and a plan of
 an up-to-date output reads it from there instead of measuring again.
+
+Apply streams the corpus in record batches of `batch_rows` and keeps nothing per document but
+counters. Normalising happens here; measuring and filtering, the costly part (`ast.parse`), run in
+`workers` processes (`data/parallel.py`), and the results come back in input order, so the output
+is the same whatever `workers` is.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import pyarrow as pa
 from pydantic import BeforeValidator, Field, model_validator
 
 from albor import progress
 from albor.artifact import read_manifest
 from albor.config import Int
-from albor.data import filters
+from albor.data import filters, parallel
 from albor.data.corpus import (
     CORPUS_FILE,
     REJECTED_FILE,
     CorpusWriter,
     RowWriter,
-    iter_batches,
     num_rows,
     require_corpus,
 )
@@ -165,6 +172,10 @@ class Config(OutputConfig):
     batch_rows: Int = Field(
         default=1024, gt=0, description="Rows per record batch while streaming."
     )
+    workers: parallel.Workers = Field(
+        default=1,
+        description=parallel.workers_description("normalise, measure and filter the documents"),
+    )
     plan_sample_rows: Int = Field(
         default=20_000,
         ge=0,
@@ -237,27 +248,100 @@ def active_filters(cfg: Config) -> dict[str, Any]:
     return {reason: shown[reason] for reason, _ in filters.build(cfg.settings())}
 
 
-def _documents(
+@dataclass
+class _Batch:
+    """What this process keeps of a batch while its documents are judged (maybe in a worker):
+    the Arrow rows to write the survivors from, and each document's normalised size, sha256 and
+    what normalising changed; the new texts only of the documents whose text changed."""
+
+    rows: pa.RecordBatch
+    start: int
+    sha256: list[str]
+    nbytes: list[int]
+    changed: list[tuple[str, ...]]
+    fixed: dict[int, str]
+
+    def where(self, source: Path) -> str:
+        return f"rows {self.start}-{self.start + self.rows.num_rows - 1} of {source}"
+
+    def kept(self, keep: list[bool]) -> pa.RecordBatch:
+        """The rows to keep, with the normalised text, sha256 and bytes where they changed."""
+        rows = self.rows
+        if self.fixed:
+            texts = rows.column("text").to_pylist()
+            for i, text in self.fixed.items():
+                texts[i] = text
+            columns = {
+                "text": pa.array(texts, pa.large_string()),
+                "sha256": pa.array(self.sha256, pa.string()),
+                "bytes": pa.array(self.nbytes, pa.int64()),
+            }
+            for name, column in columns.items():
+                rows = rows.set_column(rows.schema.get_field_index(name), name, column)
+        return rows.filter(pa.array(keep, pa.bool_()))
+
+
+def _prepared(
     source: Path, batch_rows: int, limit: int | None = None
-) -> Iterator[tuple[dict[str, Any], filters.Document, tuple[str, ...]]]:
-    """Each row of a corpus, normalised (`sha256` and `bytes` follow the new text), with its
-    document (measures seeded from `MEASURES`) and what normalisation changed."""
-    seen = 0
-    for batch in iter_batches(source, batch_rows=batch_rows):
-        for row in batch.to_pylist():
-            if limit is not None and seen >= limit:
+) -> Iterator[tuple[_Batch, list[filters.Document]]]:
+    """Each batch of the first `limit` rows of a corpus (all without one), normalised (`sha256`
+    and `bytes` follow the new text), with its documents, whose measures are seeded from
+    `MEASURES` so that what the plan measured is not measured again."""
+    start = 0
+    for batch in parallel.read_batches(source, batch_rows=batch_rows):
+        if limit is not None:
+            if start >= limit:
                 return
-            seen += 1
-            text, changed = filters.normalise(row["text"])
+            batch = batch.slice(0, limit - start)
+        key = _Batch(batch, start, [], [], [], {})
+        docs = []
+        columns = (batch.column(c).to_pylist() for c in ("text", "sha256", "bytes"))
+        for i, (raw, sha, size) in enumerate(zip(*columns, strict=True)):
+            text, changed = filters.normalise(raw)
             if changed:
                 data = text.encode("utf-8")
-                row = {
-                    **row,
-                    "text": text,
-                    "sha256": hashlib.sha256(data).hexdigest(),
-                    "bytes": len(data),
-                }
-            yield row, filters.MEASURES.document(text, int(row["bytes"]), row["sha256"]), changed
+                sha, size = hashlib.sha256(data).hexdigest(), len(data)
+                key.fixed[i] = text
+            key.sha256.append(sha)
+            key.nbytes.append(int(size))
+            key.changed.append(changed)
+            docs.append(filters.MEASURES.document(text, int(size), sha))
+        yield key, docs
+        start += batch.num_rows
+
+
+@dataclass(frozen=True)
+class _Rules:
+    """What judging a document needs, sent once to each worker: the config's filters, and each
+    profile's (in `PROFILES` order) for the documents of the profile sample."""
+
+    active: list[tuple[str, filters.Filter]]
+    profiles: tuple[list[tuple[str, filters.Filter]], ...]
+
+
+Verdict = tuple[str | None, str | None, tuple[str | None, ...] | None]
+"""One document judged: its rejection reason (None: kept), the kind of secret when that reason is
+`secret`, and each profile's reason when the document is in the profile sample."""
+
+
+def _judge(rules: _Rules, payload: tuple[list[filters.Document], int]) -> list[Verdict]:
+    """Judge a batch of documents, the first `sampled` of them by every profile too. Runs in a
+    worker process with `workers` > 1, so it is top-level and returns only small values."""
+    docs, sampled = payload
+    verdicts: list[Verdict] = []
+    for i, doc in enumerate(docs):
+        reason = filters.first_rejection(rules.active, doc)
+        secret = doc.secret if reason == filters.SECRET else None
+        profiles = profile_reasons(rules.profiles, doc) if i < sampled else None
+        verdicts.append((reason, secret, profiles))
+    return verdicts
+
+
+def profile_reasons(
+    built: Iterable[list[tuple[str, filters.Filter]]], doc: filters.Document
+) -> tuple[str | None, ...]:
+    """The rejection reason (or None) of `doc` under each of `built`'s filter lists."""
+    return tuple(filters.first_rejection(active, doc) for active in built)
 
 
 class ProfileTally:
@@ -273,13 +357,16 @@ class ProfileTally:
         }
 
     def add(self, doc: filters.Document) -> None:
+        self.count(doc.nbytes, profile_reasons(self.built.values(), doc))
+
+    def count(self, nbytes: int, reasons: tuple[str | None, ...]) -> None:
+        """Tally one document of `nbytes` bytes that each profile rejected for `reasons`."""
         self.rows += 1
-        for name, active in self.built.items():
-            reason = filters.first_rejection(active, doc)
+        for name, reason in zip(self.built, reasons, strict=True):
             entry = self._table[name]
             if reason is None:
                 entry["kept"] += 1
-                entry["kept_bytes"] += doc.nbytes
+                entry["kept_bytes"] += nbytes
             else:
                 entry["rejected"][reason] += 1
 
@@ -294,15 +381,17 @@ def compare_profiles(cfg: Config, source: Path, limit: int) -> dict[str, Any]:
     """The profile table of the first `limit` rows of `source`. Reads only; what it measures is
     remembered (`filters.MEASURES`) for the apply that usually follows."""
     tally = ProfileTally(cfg)
-    for row, doc, _ in _documents(source, cfg.batch_rows, limit):
-        tally.add(doc)
-        filters.MEASURES.keep(row["sha256"], doc)
+    for key, docs in _prepared(source, cfg.batch_rows, limit):
+        for sha, doc in zip(key.sha256, docs, strict=True):
+            tally.add(doc)
+            filters.MEASURES.keep(sha, doc)
     return tally.table()
 
 
 def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
     ctx = ctx or PlanContext()
     p = Plan(NAME)
+    workers = parallel.plan_workers(p, cfg.workers)
     on = active_filters(cfg)
     p.estimates["profile"] = cfg.profile
     p.estimates["filters"] = on
@@ -325,7 +414,7 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
         if isinstance(size, int | float):
             rate = _PARSE_MB_PER_S if cfg.require_valid_ast else _SCAN_MB_PER_S
             p.estimates["input_mb"] = round(size / 1e6, 2)
-            p.estimates["wall_time_s"] = round(size / 1e6 / rate, 1)
+            p.estimates["wall_time_s"] = round(size / 1e6 / rate / workers, 1)
         if cfg.plan_sample_rows > 0:
             _add_profiles(p, cfg, cfg.input / CORPUS_FILE)
     p.actions.append(f"filter documents, write {CORPUS_FILE} and {REJECTED_FILE} to {cfg.output}")
@@ -377,46 +466,55 @@ def _add_profiles(p: Plan, cfg: Config, source: Path) -> None:
 
 def apply(cfg: Config, ctx: ApplyContext) -> Outcome:
     assert cfg.input is not None
-    active = filters.build(cfg.settings())
     source = cfg.input / CORPUS_FILE
-    rows = num_rows(source)
+    batches = math.ceil(num_rows(source) / cfg.batch_rows)
     total = kept = bytes_in = 0
     rejected: Counter[str] = Counter()
     rejected_bytes: Counter[str] = Counter()
     normalised: Counter[str] = Counter()
     secrets: Counter[str] = Counter()
-    # The rows the plan compared profiles on; their measures are usually remembered from it, so
-    # recording the table costs apply next to nothing, and a later plan can read it back.
+    # The rows the plan compared profiles on; their measures are usually remembered from it (and
+    # travel to a worker inside the documents), so recording the table costs apply next to
+    # nothing, and a later plan can read it back.
     tally = ProfileTally(cfg)
+    rules = _Rules(filters.build(cfg.settings()), tuple(tally.built.values()))
+    work = (
+        (key, (docs, max(0, cfg.plan_sample_rows - key.start)))
+        for key, docs in _prepared(source, cfg.batch_rows)
+    )
+    judged = parallel.map_keyed(
+        _judge, work, cfg.workers, shared=rules, what=NAME, describe=lambda k: k.where(source)
+    )
     with (
         CorpusWriter(ctx.out / CORPUS_FILE, cfg.batch_rows) as corpus,
         RowWriter(ctx.out / REJECTED_FILE, filters.REJECTED_SCHEMA, cfg.batch_rows) as report,
     ):
-        docs = _documents(source, cfg.batch_rows)
-        for row, doc, changed in progress.track(docs, NAME, rows):
-            total += 1
-            bytes_in += doc.nbytes
-            normalised.update(changed)
-            if total <= cfg.plan_sample_rows:
-                tally.add(doc)
-            reason = filters.first_rejection(active, doc)
-            if reason is None:
-                corpus.write(row)
-                kept += 1
-                continue
-            rejected[reason] += 1
-            rejected_bytes[reason] += doc.nbytes
-            if reason == filters.SECRET and doc.secret is not None:
-                secrets[doc.secret] += 1
-            report.write(
-                {
-                    "path": row["path"],
-                    "source": row["source"],
-                    "sha256": row["sha256"],
-                    "bytes": doc.nbytes,
-                    "reason": reason,
-                }
-            )
+        for key, verdicts in progress.track(judged, NAME, batches):
+            keep = [reason is None for reason, _, _ in verdicts]
+            for i, (reason, secret, profiles) in enumerate(verdicts):
+                nbytes = key.nbytes[i]
+                total += 1
+                bytes_in += nbytes
+                normalised.update(key.changed[i])
+                if profiles is not None:
+                    tally.count(nbytes, profiles)
+                if reason is None:
+                    continue
+                rejected[reason] += 1
+                rejected_bytes[reason] += nbytes
+                if secret is not None:
+                    secrets[secret] += 1
+                report.write(
+                    {
+                        "path": key.rows.column("path")[i].as_py(),
+                        "source": key.rows.column("source")[i].as_py(),
+                        "sha256": key.sha256[i],
+                        "bytes": nbytes,
+                        "reason": reason,
+                    }
+                )
+            corpus.write_batch(key.kept(keep))
+            kept += sum(keep)
         bytes_kept = corpus.bytes
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(rejected.items()))
     if kept == 0 and total > 0:

@@ -6,34 +6,41 @@ overlap), hashed to 64-bit integers and held in memory. The corpus is streamed b
 document sharing at least `min_matches` distinct benchmark n-grams is dropped, listed in
 `rejected.parquet` (reason `contaminated`, with the benchmarks and task ids it matched) and in
 `report.json` with the number of n-grams it shares with each problem.
+
+The index is built once; with `workers` > 1 each worker process receives a copy when it starts
+(`data/parallel.py`) and scans whole batches, returning only the documents it matched, in input
+order, so the output is the same whatever `workers` is. Nothing is kept per document but the
+report entry of a dropped one.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from albor import progress
 from albor.artifact import atomic_write_json
 from albor.config import Int
+from albor.data import parallel
 from albor.data.corpus import (
     CORPUS_FILE,
     REJECTED_FILE,
     CorpusWriter,
     RowWriter,
-    iter_batches,
     num_rows,
     rejected_schema,
     require_corpus,
 )
 from albor.errors import DataError
 from albor.evals import benchmarks as bench
-from albor.evals.contamination import NgramIndex, ShortTexts
+from albor.evals.contamination import Hit, NgramIndex, ShortTexts
 from albor.plan import Plan
 from albor.stage import ApplyContext, Outcome, OutputConfig, PlanContext, check_input, counts
 
@@ -78,6 +85,12 @@ class Config(OutputConfig):
     )
     batch_rows: Int = Field(
         default=1024, gt=0, description="Rows per record batch while streaming."
+    )
+    workers: parallel.Workers = Field(
+        default=1,
+        description=parallel.workers_description(
+            "scan the documents for benchmark n-grams (each holds a copy of the index)"
+        ),
     )
 
     @model_validator(mode="after")
@@ -142,6 +155,7 @@ def build(cfg: Config, p: Plan | None = None) -> tuple[NgramIndex, dict[str, ben
 def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
     ctx = ctx or PlanContext()
     p = Plan(NAME)
+    workers = parallel.plan_workers(p, cfg.workers)
     p.warn_if(
         "ngram",
         cfg.ngram < _SHORT_NGRAM,
@@ -165,7 +179,7 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
         p.estimates["documents_in"] = docs
         if isinstance(size, int | float):
             p.estimates["input_mb"] = round(size / 1e6, 2)
-            p.estimates["wall_time_s"] = round(size / 1e6 / _MB_PER_S, 1)
+            p.estimates["wall_time_s"] = round(size / 1e6 / _MB_PER_S / workers, 1)
         if isinstance(stored, int):
             # Contamination is rare: the kept corpus is about the size of the input.
             p.estimates["disk_bytes"] = stored
@@ -177,6 +191,23 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
     return p
 
 
+Found = list[tuple[int, Hit]]
+"""The documents of a batch that share at least `min_matches` benchmark n-grams: (offset, hit)."""
+
+
+def _scan(shared: tuple[NgramIndex, int], texts: list[str]) -> Found:
+    """The contaminated documents of a batch. Runs in a worker process with `workers` > 1 (the
+    index arrives once per worker, through the pool's initializer), so it is top-level and
+    returns only the few hits."""
+    index, min_matches = shared
+    found: Found = []
+    for offset, text in enumerate(texts):
+        hit = index.match(text)
+        if hit.shared >= min_matches:
+            found.append((offset, hit))
+    return found
+
+
 def apply(cfg: Config, ctx: ApplyContext) -> Outcome:
     assert cfg.input is not None
     index, loaded = build(cfg)
@@ -185,26 +216,38 @@ def apply(cfg: Config, ctx: ApplyContext) -> Outcome:
     total = kept = bytes_in = 0
     dropped: list[dict[str, Any]] = []
     per_benchmark: Counter[str] = Counter()
+    meta = ["path", "source", "sha256", "bytes"]
+
+    def work() -> Iterator[tuple[tuple[int, pa.RecordBatch], list[str]]]:
+        start = 0
+        for batch in parallel.read_batches(source, ["text", *meta], cfg.batch_rows):
+            # The texts go to a worker; this process keeps the batch to write its survivors.
+            yield (start, batch), batch.column("text").to_pylist()
+            start += batch.num_rows
+
+    scanned = parallel.map_keyed(
+        _scan,
+        work(),
+        cfg.workers,
+        shared=(index.ready(), cfg.min_matches),
+        what=NAME,
+        describe=lambda key: f"rows {key[0]}-{key[0] + key[1].num_rows - 1} of {source}",
+    )
     with (
         CorpusWriter(ctx.out / CORPUS_FILE, cfg.batch_rows) as corpus,
         RowWriter(ctx.out / REJECTED_FILE, REJECTED_SCHEMA, cfg.batch_rows) as rejected,
     ):
-        for batch in progress.track(iter_batches(source, batch_rows=cfg.batch_rows), NAME, batches):
-            for row in batch.to_pylist():
-                total += 1
-                bytes_in += int(row["bytes"])
-                hit = index.match(row["text"])
-                if hit.shared < cfg.min_matches:
-                    corpus.write(row)
-                    kept += 1
-                    continue
+        for (_, batch), found in progress.track(scanned, NAME, batches):
+            total += batch.num_rows
+            bytes_in += int(pc.sum(batch.column("bytes")).as_py() or 0)
+            keep = [True] * batch.num_rows
+            for offset, hit in found:
+                keep[offset] = False
+                row = {name: batch.column(name)[offset].as_py() for name in meta}
                 per_benchmark.update(hit.benchmarks)
                 rejected.write(
                     {
-                        "path": row["path"],
-                        "source": row["source"],
-                        "sha256": row["sha256"],
-                        "bytes": row["bytes"],
+                        **row,
                         "reason": CONTAMINATED,
                         "benchmarks": hit.benchmarks,
                         "task_ids": hit.task_ids,
@@ -223,6 +266,8 @@ def apply(cfg: Config, ctx: ApplyContext) -> Outcome:
                         ],
                     }
                 )
+            corpus.write_batch(batch.filter(pa.array(keep, pa.bool_())))
+            kept += batch.num_rows - len(found)
         bytes_kept = corpus.bytes
     ngrams = index.ngrams_per_benchmark()
     per_doc = {name: per_benchmark.get(name, 0) for name in loaded}

@@ -3,9 +3,10 @@
 What BigCode does for The Stack, for Python source:
 - exact: documents whose text is equal once runs of whitespace are collapsed and the ends stripped
   (`minhash.normalized_key`) are duplicates;
-- near: MinHash signatures of code-token 5-grams (`data/minhash.py`), LSH (datasketch's
-  `MinHashLSH`) to find candidate pairs, and each candidate verified by its estimated Jaccard
-  similarity (`MinHash.jaccard` >= `threshold`), which drops the LSH false positives.
+- near: MinHash signatures of code-token 5-grams (`data/minhash.py`), LSH banding to find
+  candidate pairs (the pairs datasketch's `MinHashLSH` finds, by sorting each band of the
+  signature matrix), and each candidate verified by its estimated Jaccard similarity
+  (`MinHash.jaccard` >= `threshold`), which drops the LSH false positives.
 Duplicate pairs of either kind are joined into clusters (connected components, union-find), so
 A ~ B and B ~ C put A, B and C in one cluster even when A and C are less similar, as in BigCode.
 
@@ -18,7 +19,10 @@ normalised text equals its survivor's, else `near_duplicate`; `kept_path` names 
 The corpus is read twice in record batches: the first pass keeps per document only its path,
 sha256, size, exact group and (for one document per exact group) a `num_perm` x uint64
 signature; the second streams the survivors to `corpus.parquet` in input order and the rest to
-`rejected.parquet`.
+`rejected.parquet`. The per-document work of the first pass (whitespace-normalised keys,
+tokenising, signing) runs in `workers` processes (`data/parallel.py`); the groups, the LSH
+index and the union-find stay in this process and see the batches in input order, so the
+output is the same whatever `workers` is.
 `report.json` describes the clusters and lists a sample of removed pairs.
 """
 
@@ -28,25 +32,24 @@ import heapq
 import math
 from array import array
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from datasketch import LeanMinHash, MinHashLSH
 from pydantic import Field
 
 from albor import progress
 from albor.artifact import atomic_write_json
 from albor.config import Int
-from albor.data import minhash
+from albor.data import minhash, parallel
 from albor.data.corpus import (
     CORPUS_FILE,
     REJECTED_FILE,
     CorpusWriter,
     RowWriter,
-    iter_batches,
     num_rows,
     open_corpus,
     rejected_schema,
@@ -72,8 +75,9 @@ REJECTED_SCHEMA = rejected_schema(
 # dominating; exact alone (a read, a whitespace join and a hash per document) at about 54 MB/s.
 _NEAR_MB_PER_S = 5.0
 _EXACT_MB_PER_S = 50.0
-# LSH keeps each signature's band keys twice (key table and buckets) beside the signature itself.
-_LSH_COPIES = 3
+# Path, sha256, size, group and union-find parent of a document, and its exact key in the
+# group table; a signature (num_perm x 8 bytes) comes on top, and sorting a band for LSH needs
+# a band-sized copy of the signatures for a moment.
 _PER_DOC_BYTES = 300
 _LARGEST_CLUSTERS = 10
 _MEMBERS_SHOWN = 50
@@ -88,7 +92,8 @@ class Config(OutputConfig):
         description="Remove documents equal up to whitespace (runs collapsed, ends stripped).",
     )
     near: bool = Field(
-        default=True, description="Remove near-duplicates found by MinHash LSH (datasketch)."
+        default=True,
+        description="Remove near-duplicates found by MinHash LSH (datasketch's signatures).",
     )
     threshold: float = Field(
         default=0.7,
@@ -122,11 +127,18 @@ class Config(OutputConfig):
     batch_rows: Int = Field(
         default=1024, gt=0, description="Rows per record batch while streaming."
     )
+    workers: parallel.Workers = Field(
+        default=1,
+        description=parallel.workers_description(
+            "normalise, tokenise and sign the documents (the LSH index stays in this process)"
+        ),
+    )
 
 
 def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
     ctx = ctx or PlanContext()
     p = Plan(NAME)
+    workers = parallel.plan_workers(p, cfg.workers)
     modes = [m for m, on in (("exact", cfg.exact), ("near", cfg.near)) if on]
     p.warn_if(
         "modes",
@@ -172,10 +184,10 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
         p.estimates["documents"] = docs
         p.estimates["input_mb"] = round(size / 1e6, 2)
         rate = _NEAR_MB_PER_S if cfg.near else _EXACT_MB_PER_S
-        p.estimates["wall_time_s"] = round(size / 1e6 / rate, 1)
+        p.estimates["wall_time_s"] = round(size / 1e6 / rate / workers, 1)
         # The survivors are at most the input; the rejection list is small beside them.
         p.estimates["disk_bytes"] = stored
-        signature = cfg.num_perm * 8 * _LSH_COPIES if cfg.near else 0
+        signature = cfg.num_perm * 8 if cfg.near else 0
         p.estimates["memory_bytes"] = docs * (signature + _PER_DOC_BYTES)
     p.actions.append(
         f"find duplicates, write {CORPUS_FILE}, {REJECTED_FILE} and {REPORT_FILE} to {cfg.output}"
@@ -197,8 +209,10 @@ def _text_bytes(directory: Path, manifest: dict[str, Any]) -> int:
 
 @dataclass
 class _Documents:
-    """What the first pass keeps of each document: no text, and a signature only for the first
-    document of each exact group (the others have the same tokens, so the same signature)."""
+    """What the first pass keeps of each document: no text; its path, source, sha256, size,
+    exact group and union-find parent; and, with `near` on, one `num_perm` x uint64 signature
+    per exact group (its members have the same tokens, so the same signature), a row of one
+    preallocated matrix rather than an object per document."""
 
     paths: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
@@ -206,7 +220,8 @@ class _Documents:
     nbytes: array[int] = field(default_factory=lambda: array("q"))
     group: array[int] = field(default_factory=lambda: array("q"))
     parent: array[int] = field(default_factory=lambda: array("q"))
-    signatures: dict[int, LeanMinHash] = field(default_factory=dict)
+    leaders: array[int] = field(default_factory=lambda: array("q"))  # first document per group
+    signatures: np.ndarray | None = None  # row g: the signature of group g
     bands: tuple[int, int] | None = None
     candidates: int = 0
     verified: int = 0
@@ -232,60 +247,114 @@ class _Documents:
         gi, gj = self.group[i], self.group[j]
         if gi == gj:
             return 1.0
-        return float(self.signatures[gi].jaccard(self.signatures[gj]))
+        assert self.signatures is not None
+        pair = np.array([[gi, gj]], dtype=np.int64)
+        return float(minhash.similarities(self.signatures, pair)[0])
 
 
-def _scan(cfg: Config, source: Path, batches: int) -> _Documents:
-    """First pass: exact groups, signatures, LSH candidates verified into union-find edges."""
+Signed = tuple[bytes, list[int], np.ndarray | None]
+"""A batch's per-document work: the 16-byte exact keys of its documents, joined; the offsets of
+the documents signed (the first of each key within the batch); and their signatures."""
+
+
+def _sign(signer: minhash.Signer | None, texts: list[str]) -> Signed:
+    """Exact keys of a batch and, with a signer, the signatures of the first document of each key
+    in it. Runs in a worker process with `workers` > 1, so it is top-level. A document whose key
+    an earlier batch already holds is signed needlessly: only the parent knows every key, and
+    asking it first would cost a round trip per batch."""
+    keys = [minhash.normalized_key(text) for text in texts]
+    if signer is None:
+        return b"".join(keys), [], None
+    first: dict[bytes, int] = {}
+    signed = [i for i, key in enumerate(keys) if first.setdefault(key, i) == i]
+    signatures = np.empty((len(signed), signer.num_perm), dtype=np.uint64)
+    for row, i in enumerate(signed):
+        signatures[row] = signer.signature(signer.shingle_hashes(texts[i]))
+    return b"".join(keys), signed, signatures
+
+
+def _scan(cfg: Config, source: Path, rows: int, batches: int) -> _Documents:
+    """First pass: exact groups and signatures (signing in `workers` processes), then LSH
+    candidates verified into union-find edges."""
     docs = _Documents()
     groups: dict[bytes, int] = {}
     names: dict[str, str] = {}  # one string object per source name, not one per row
-    signer = lsh = None
+    signer = None
     if cfg.near:
         signer = minhash.Signer(cfg.num_perm, cfg.seed, cfg.shingle_size)
         docs.bands = minhash.lsh_bands(cfg.threshold, cfg.num_perm)
-        lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm, params=docs.bands)
-    columns = ["text", "path", "source", "sha256", "bytes"]
-    batch_iter = iter_batches(source, columns, cfg.batch_rows)
-    for batch in progress.track(batch_iter, f"{NAME}: sign", batches):
-        texts = batch.column("text").to_pylist()
-        rows = zip(
-            texts,
-            batch.column("path").to_pylist(),
-            batch.column("source").to_pylist(),
-            batch.column("sha256").to_pylist(),
-            batch.column("bytes").to_pylist(),
-            strict=True,
-        )
-        for text, path, src, sha, nbytes in rows:
+        # Untouched rows of np.empty are never paged in: memory follows the groups found.
+        docs.signatures = np.empty((rows, cfg.num_perm), dtype=np.uint64)
+    keyed = cfg.exact or cfg.near
+    meta = ["path", "source", "sha256", "bytes"]
+    columns = ["text", *meta] if keyed else meta
+
+    def work() -> Iterator[tuple[tuple[int, pa.RecordBatch], list[str]]]:
+        start = 0
+        for batch in parallel.read_batches(source, columns, cfg.batch_rows):
+            texts = batch.column("text").to_pylist() if keyed else []
+            # Only the texts travel to a worker; the rest stays here, without them.
+            yield (start, batch.select(meta)), texts
+            start += batch.num_rows
+
+    found = parallel.map_keyed(
+        _sign,
+        work(),
+        cfg.workers if keyed else 1,
+        shared=signer,
+        what=NAME,
+        describe=lambda key: f"rows {key[0]}-{key[0] + key[1].num_rows - 1} of {source}",
+    )
+    for (_, batch), (keys, signed, signatures) in progress.track(found, f"{NAME}: sign", batches):
+        row_of = dict(zip(signed, range(len(signed)), strict=True))
+        shas = batch.column("sha256").to_pylist()
+        sizes = batch.column("bytes").to_pylist()
+        sources = batch.column("source").to_pylist()
+        for offset, path in enumerate(batch.column("path").to_pylist()):
             i = len(docs.paths)
             docs.paths.append(path)
-            docs.sources.append(names.setdefault(src, src))
-            docs.sha256.append(bytes.fromhex(sha))
-            docs.nbytes.append(int(nbytes))
+            docs.sources.append(names.setdefault(sources[offset], sources[offset]))
+            docs.sha256.append(bytes.fromhex(shas[offset]))
+            docs.nbytes.append(int(sizes[offset]))
             docs.parent.append(i)
-            if not (cfg.exact or cfg.near):
+            if not keyed:
                 docs.group.append(i)
                 continue
-            key = minhash.normalized_key(text)
-            first = groups.setdefault(key, i)
-            docs.group.append(first)
-            if first != i:
+            g = groups.setdefault(keys[16 * offset : 16 * (offset + 1)], len(docs.leaders))
+            docs.group.append(g)
+            if g < len(docs.leaders):
                 # Same text up to whitespace: an exact duplicate, and with near on alone a
                 # near-duplicate of similarity 1 (whitespace never enters a token).
-                docs.union(first, i)
+                docs.union(docs.leaders[g], i)
                 continue
-            if signer is None or lsh is None:
-                continue
-            m = signer.minhash(text)
-            for other in lsh.query(m):
-                docs.candidates += 1
-                if m.jaccard(docs.signatures[other]) >= cfg.threshold:
-                    docs.verified += 1
-                    docs.union(other, i)
-            lsh.insert(i, m, check_duplication=False)
-            docs.signatures[i] = m
+            docs.leaders.append(i)
+            if docs.signatures is not None and signatures is not None:
+                if g >= len(docs.signatures):
+                    raise DataError(_changed(source, len(docs.signatures), "more"))
+                docs.signatures[g] = signatures[row_of[offset]]
+    if docs.signatures is not None and docs.bands is not None:
+        _link(cfg, docs)
     return docs
+
+
+def _link(cfg: Config, docs: _Documents) -> None:
+    """Union the groups whose signatures share an LSH band and whose estimated Jaccard reaches
+    the threshold (the candidates that fail are LSH's false positives)."""
+    assert docs.signatures is not None and docs.bands is not None
+    signed = docs.signatures[: len(docs.leaders)]
+    pairs = minhash.candidate_pairs(signed, *docs.bands)
+    close = minhash.similarities(signed, pairs) >= cfg.threshold
+    docs.candidates = len(pairs)
+    docs.verified = int(np.count_nonzero(close))
+    for a, b in pairs[close].tolist():
+        docs.union(docs.leaders[a], docs.leaders[b])
+
+
+def _changed(source: Path, before: int, now: int | str) -> str:
+    return (
+        f"{source}: changed while dedup read it ({before} rows, then {now}): "
+        "re-run once the upstream stage has finished"
+    )
 
 
 @dataclass
@@ -299,17 +368,17 @@ class _Clusters:
 
 def _cluster(cfg: Config, docs: _Documents) -> _Clusters:
     n = len(docs.paths)
-    roots = [docs.find(i) for i in range(n)]
-    size_of = Counter(roots)
-    members: dict[int, list[int]] = {}
-    for i, r in enumerate(roots):
-        if size_of[r] > 1:
-            members.setdefault(r, []).append(i)
+    roots = np.fromiter((docs.find(i) for i in range(n)), dtype=np.int64, count=n)
+    # Members of clusters of two or more, grouped by root (numpy, not a dict per document).
+    shared = np.flatnonzero(np.bincount(roots, minlength=n)[roots] > 1)
+    shared = shared[np.argsort(roots[shared], kind="stable")]
+    cuts = np.flatnonzero(np.diff(roots[shared])) + 1
     kept_of = np.arange(n, dtype=np.int64)
     reasons = np.zeros(n, dtype=np.int8)
     removed: list[tuple[int, int]] = []
     clusters = []
-    for group in members.values():
+    for members in np.split(shared, cuts) if len(shared) else []:
+        group = members.tolist()
         survivor = min(group, key=docs.rank)
         for i in group:
             if i == survivor:
@@ -366,7 +435,7 @@ def _lsh_report(docs: _Documents) -> dict[str, Any] | None:
     return {
         "bands": bands,
         "rows": rows,
-        "signed_documents": len(docs.signatures),
+        "signed_documents": len(docs.leaders),
         "candidate_pairs": docs.candidates,
         "verified_pairs": docs.verified,
         "false_positive_pairs": docs.candidates - docs.verified,
@@ -385,7 +454,7 @@ def _write(
         CorpusWriter(ctx.out / CORPUS_FILE, cfg.batch_rows) as corpus,
         RowWriter(ctx.out / REJECTED_FILE, REJECTED_SCHEMA, cfg.batch_rows) as report,
     ):
-        batch_iter = iter_batches(source, batch_rows=cfg.batch_rows)
+        batch_iter = parallel.read_batches(source, batch_rows=cfg.batch_rows)
         for batch in progress.track(batch_iter, f"{NAME}: write", batches):
             stop = start + batch.num_rows
             reasons = found.reasons[start:stop]
@@ -409,18 +478,16 @@ def _write(
             start = stop
         kept_bytes = corpus.bytes
     if start != len(docs.paths):
-        raise DataError(
-            f"{source}: changed while dedup read it ({len(docs.paths)} rows, then {start}): "
-            "re-run once the upstream stage has finished"
-        )
+        raise DataError(_changed(source, len(docs.paths), start))
     return kept_bytes, rejected, rejected_bytes
 
 
 def apply(cfg: Config, ctx: ApplyContext) -> Outcome:
     assert cfg.input is not None
     source = cfg.input / CORPUS_FILE
-    batches = math.ceil(num_rows(source) / cfg.batch_rows)
-    docs = _scan(cfg, source, batches)
+    rows = num_rows(source)
+    batches = math.ceil(rows / cfg.batch_rows)
+    docs = _scan(cfg, source, rows, batches)
     found = _cluster(cfg, docs)
     kept_bytes, rejected, rejected_bytes = _write(cfg, ctx, source, docs, found, batches)
     atomic_write_json(ctx.out / REPORT_FILE, found.report)
