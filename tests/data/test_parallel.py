@@ -120,6 +120,8 @@ def test_workers_field_and_plan() -> None:
     assert Cfg(workers="auto").workers == 0 and Cfg(workers="2").workers == 2
     with pytest.raises(ValueError, match="greater than or equal to 0"):
         Cfg(workers=-1)
+    with pytest.raises(ValueError, match="not a number of processes"):
+        Cfg(workers="many")
     assert parallel.resolve_workers(0) == parallel.cpu_count() >= 1
     assert parallel.resolve_workers(3) == 3
     p = Plan("demo")

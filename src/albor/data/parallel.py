@@ -14,10 +14,10 @@ beside the result (typically the Arrow batch, to write out the rows `fn` decided
 through the pool's initializer rather than once per batch, then passed to `fn(shared, payload)`.
 
 Workers are started with the `spawn` context, never `fork`. Forking copies only the calling thread
-of a process whose other threads (Arrow's I/O and CPU pools, jemalloc's background threads, torch's
-intra-op pool, a rich progress-bar refresher) may hold locks at that instant: the child inherits
-those locks held, by threads that do not exist in it, and can deadlock on its first allocation or
-log line (Python 3.12 warns about forking a multi-threaded process for this reason). A spawned
+of a process whose other threads (Arrow's I/O and CPU thread pools, torch's intra-op pool, a rich
+progress-bar refresher) may hold locks at that instant: the child inherits those locks held, by
+threads that do not exist in it, and can deadlock on its first allocation or log line (Python 3.12
+warns about forking a multi-threaded process for this reason). A spawned
 worker is a fresh interpreter that imports what `fn` needs, so `fn` must be a top-level function
 and the payloads, results and `shared` must pickle: plain lists of texts, tuples, numpy arrays;
 and a script that runs a stage with `workers > 1` needs the usual `if __name__ == "__main__":`
@@ -63,7 +63,10 @@ def _parse_workers(value: Any) -> Any:
     """`auto` means one worker per CPU, as 0 does; shorthand numbers are accepted as elsewhere."""
     if isinstance(value, str) and value.strip().lower() == "auto":
         return 0
-    return parse_int(value)
+    parsed = parse_int(value)
+    if isinstance(parsed, str):
+        raise ValueError(f"'{value}' is not a number of processes: give 1, 2, ... or 0 / auto")
+    return parsed
 
 
 Workers = Annotated[int, BeforeValidator(_parse_workers), Field(ge=0)]

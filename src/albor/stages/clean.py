@@ -174,7 +174,9 @@ class Config(OutputConfig):
     )
     workers: parallel.Workers = Field(
         default=1,
-        description=parallel.workers_description("normalise, measure and filter the documents"),
+        description=parallel.workers_description(
+            "measure and filter the documents (`ast.parse` and the rest)"
+        ),
     )
     plan_sample_rows: Int = Field(
         default=20_000,
