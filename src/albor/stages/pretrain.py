@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -549,19 +550,21 @@ def _train(cfg: Config, ctx: ApplyContext) -> Outcome:
         prefetch=cfg.prefetch,
         distributed=mode,
     )
+    run_training = partial(
+        train,
+        model,
+        optimizer,
+        sampler,
+        settings,
+        device=device,
+        run_dir=ctx.out,
+        eos_token_id=index.eos_id,
+        extra_files=tok_files,
+        evaluate=evaluate if has_val else None,
+    )
     if not rank0:
         # Trains in step with rank 0 and writes nothing: no tracker, no final weights.
-        train(
-            model,
-            optimizer,
-            sampler,
-            settings,
-            device=device,
-            run_dir=ctx.out,
-            eos_token_id=index.eos_id,
-            extra_files=tok_files,
-            evaluate=evaluate if has_val else None,
-        )
+        run_training()
         gather_for_save(model, optimizer, fsdp=mode == "fsdp")
         return Outcome(summary=f"rank {distributed.rank()} done", metrics={})
     tracker = RunTracker.open(
@@ -577,18 +580,7 @@ def _train(cfg: Config, ctx: ApplyContext) -> Outcome:
         },
     )
     with tracker:  # an exception marks the run failed; a clean stop marks it stopped
-        result = train(
-            model,
-            optimizer,
-            sampler,
-            settings,
-            device=device,
-            run_dir=ctx.out,
-            eos_token_id=index.eos_id,
-            extra_files=tok_files,
-            evaluate=evaluate if has_val else None,
-            tracker=tracker,
-        )
+        result = run_training(tracker=tracker)
         final_eval = result.evals[-1] if result.evals else {}
         full = gather_for_save(model, optimizer, fsdp=mode == "fsdp")
         assert full is not None  # rank 0
