@@ -734,7 +734,25 @@ def _fail(message: str, code: int) -> NoReturn:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the CLI and map errors to exit codes; no traceback for user mistakes."""
+    """Entry point: run the CLI and map errors to exit codes; no traceback for user mistakes.
+
+    A process that torchrun started and that joined a process group leaves it and exits
+    without interpreter finalization (see `distributed.leave`).
+    """
+    try:
+        _main(argv)
+    except SystemExit as e:
+        code = e.code
+    else:
+        code = 0
+    if "torch.distributed" in sys.modules:
+        from albor.train import distributed
+
+        distributed.leave(code)
+    sys.exit(code)
+
+
+def _main(argv: list[str] | None) -> None:
     debug = os.environ.get("ALBOR_DEBUG") == "1"
     try:
         cli.main(args=argv, prog_name="albor", standalone_mode=False)

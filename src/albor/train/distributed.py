@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
 from typing import Any, TypeVar, cast
 
 import torch
@@ -87,6 +88,27 @@ def shutdown() -> None:
     """Leave the process group (registered at exit by `init`)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def leave(code: object) -> None:
+    """End a torchrun rank: leave the process group, flush, and exit with `code` at once.
+
+    A no-op unless this process joined a group. Exiting through interpreter finalization
+    after `destroy_process_group` still lets gloo's worker threads (kept alive by FSDP's
+    device mesh) be destroyed while joinable, which aborts the rank ("terminate called
+    without an active exception") after its work is done, and torchrun then reports the job
+    as failed. Every file is closed and every artifact swapped in before this point.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    status = code if isinstance(code, int) else (0 if code is None else 1)
+    if not isinstance(code, int | None):
+        print(code, file=sys.stderr)
+    shutdown()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def barrier() -> None:
