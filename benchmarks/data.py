@@ -45,7 +45,7 @@ import albor.stages.split as split
 from albor import progress
 from albor.artifact import atomic_write_json, describe_outputs, outputs_digest
 from albor.data import filters, parallel, sources
-from albor.data.corpus import CORPUS_FILE, CorpusWriter, document
+from albor.data.corpus import CORPUS_FILE, CorpusWriter, document, iter_batches
 from albor.stage import RunResult, run_stage
 from albor.stages import clean, decontaminate, dedup, ingest
 
@@ -147,7 +147,7 @@ def synthetic(source: Path, out: Path, copies: int) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     with CorpusWriter(out / CORPUS_FILE, 256) as w:
         for copy in range(copies):
-            for batch in parallel.read_batches(source / CORPUS_FILE, ["text", "path"], 256):
+            for batch in iter_batches(source / CORPUS_FILE, ["text", "path"], 256):
                 texts = batch.column("text").to_pylist()
                 for text, path in zip(texts, batch.column("path").to_pylist(), strict=True):
                     w.write(document(perturbed(text, copy), f"copy{copy}/{path}", "synthetic"))

@@ -16,6 +16,7 @@ import pytest
 from pydantic import BaseModel
 
 from albor.data import parallel
+from albor.data.corpus import iter_batches
 from albor.errors import StageFailed
 from albor.plan import Plan
 
@@ -139,7 +140,7 @@ def test_read_batches_stays_within_row_groups(tmp_path: Path) -> None:
         for i in range(12):
             w.write(document(f"x = {i}\n", f"{i}.py", "t"))
     assert pq.ParquetFile(path).metadata.num_row_groups == 3
-    batches = list(parallel.read_batches(path, ["path"], batch_rows=2))
+    batches = list(iter_batches(path, ["path"], batch_rows=2))
     assert [b.num_rows for b in batches] == [2, 2, 1, 2, 2, 1, 2]
     joined = pa.Table.from_batches(batches)["path"].to_pylist()
     assert joined == [f"{i}.py" for i in range(12)]

@@ -395,3 +395,28 @@ def test_hf_source_without_datasets_fails_the_plan(
     assert not p.ok
     assert "pip install 'albor[hf]'" in p.failures[0].detail
     assert ingest.source_state(cfg)["hf"]  # the fingerprint never raises
+
+
+def test_workers_read_the_same_corpus(tmp_path: Path) -> None:
+    """Files read in 2 worker processes, 3 per batch, give the bytes 1 process writes."""
+    src = tmp_path / "src"
+    (src / "pkg").mkdir(parents=True)
+    for i in range(10):
+        (src / "pkg" / f"m{i}.py").write_text(f"x{i} = {i}\n" * (i + 1))
+    (src / "binary.py").write_bytes(b"x = 1\x00\x01\n")
+    (src / "cookie.py").write_bytes(b"# -*- coding: latin-1 -*-\nname = 'caf\xe9'\n")
+    (src / "empty.py").write_bytes(b"")
+    os.mkfifo(src / "fifo.py")
+    os.symlink("nowhere.py", src / "dangling.py")
+    digests = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        result = run(config(out, {"type": "dir", "path": str(src)}, workers=workers, batch_rows=3))
+        assert result.plan.estimates["workers"] == workers
+        c = result.manifest["counts"]
+        assert c["in"] == 15 and c["kept"] == 11
+        assert c["rejected"] == {"binary": 1, "empty": 1, "not_a_file": 1, "broken_link": 1}
+        digests[workers] = {o["path"]: o["sha256"] for o in result.manifest["outputs"]}
+    assert digests[1] == digests[2]
+    text = pq.read_table(tmp_path / "w2" / "corpus.parquet").to_pydict()
+    assert text["text"][text["path"].index("cookie.py")].endswith("name = 'café'\n")

@@ -204,3 +204,36 @@ def test_bf16_on_cuda_trains_with_fused_adamw_and_resumes(tmp_path: Path) -> Non
     assert resumed is None and losses[-1] < losses[0] - 2.0
     resumed, again = once()  # the same run again: from its last checkpoint, to the same end
     assert resumed == 30 and len(again) == 40
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_bf16_on_cuda_trains_and_attention_runs_flash_kernels(tmp_path: Path) -> None:
+    cuda = torch.device("cuda")
+    torch.manual_seed(0)
+    model = GPT(preset("tiny")).to(cuda)
+    batch = cycle_sampler().batch(0, 0, 4).to(cuda)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(batch[:, :-1], targets=batch[:, 1:])
+        loss.backward()
+        torch.cuda.synchronize()
+    kernels = [e.key.lower() for e in prof.key_averages()]
+    assert any("flash" in k for k in kernels), kernels  # SDPA took the flash path in training
+
+    s = settings(precision="bf16", compile=True)
+    opt = build_adamw(model, s.lr, 0.1, (0.9, 0.95), 1e-8, cuda)
+    result = train(
+        model,
+        opt,
+        cycle_sampler(),
+        s,
+        device=cuda,
+        run_dir=tmp_path,
+        eos_token_id=0,
+        extra_files=[],
+    )
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in lines if "loss" in r]
+    assert result.steps == 40 and result.skipped_steps == 0
+    assert losses[-1] < losses[0] - 2.0

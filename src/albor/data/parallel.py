@@ -23,7 +23,7 @@ and the payloads, results and `shared` must pickle: plain lists of texts, tuples
 and a script that runs a stage with `workers > 1` needs the usual `if __name__ == "__main__":`
 guard, since a spawned worker imports the script's module again.
 
-`read_batches` is the bounded way to read the batches a map consumes (see its docstring).
+`corpus.iter_batches` is the bounded way to read the batches a map consumes (see its docstring).
 
 A worker's exception is raised in the parent as `StageFailed`, naming the batch (by its index and,
 with `describe`, by its rows), chained to the original with the worker's traceback.
@@ -39,14 +39,11 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-import pyarrow as pa
 from pydantic import BeforeValidator, Field
 
 from albor.config import parse_int
-from albor.data.corpus import open_corpus
 from albor.errors import StageFailed
 from albor.plan import Plan
 
@@ -111,21 +108,6 @@ def plan_workers(p: Plan, workers: int) -> int:
             f"batches in memory: set `workers: {cpus}` or `auto`",
         )
     return min(n, cpus)
-
-
-def read_batches(
-    path: Path, columns: list[str] | None = None, batch_rows: int = 1024
-) -> Iterator[pa.RecordBatch]:
-    """Record batches of at most `batch_rows` rows of a corpus file, read one row group at a time.
-
-    One `ParquetFile.iter_batches` over a whole file keeps a share of every row group it has
-    read until it is exhausted (pyarrow 26 on the stdlib x 10 corpus: 37 MB of Arrow memory after
-    the first of 580 row groups, 156 MB after the last, for 64-row batches), so its memory grows
-    with the file; a reader per row group stays at about one row group (9 MB there), at the same
-    speed. A batch never spans two row groups, which albor's writers keep to `batch_rows` rows."""
-    f = open_corpus(path)
-    for group in range(f.metadata.num_row_groups):
-        yield from f.iter_batches(batch_size=batch_rows, columns=columns, row_groups=[group])
 
 
 def _install(shared: Any) -> None:

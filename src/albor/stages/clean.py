@@ -42,6 +42,7 @@ from albor.data.corpus import (
     REJECTED_FILE,
     CorpusWriter,
     RowWriter,
+    iter_batches,
     num_rows,
     require_corpus,
 )
@@ -290,7 +291,7 @@ def _prepared(
     and `bytes` follow the new text), with its documents, whose measures are seeded from
     `MEASURES` so that what the plan measured is not measured again."""
     start = 0
-    for batch in parallel.read_batches(source, batch_rows=batch_rows):
+    for batch in iter_batches(source, batch_rows=batch_rows):
         if limit is not None:
             if start >= limit:
                 return

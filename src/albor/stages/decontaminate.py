@@ -34,6 +34,7 @@ from albor.data.corpus import (
     REJECTED_FILE,
     CorpusWriter,
     RowWriter,
+    iter_batches,
     num_rows,
     rejected_schema,
     require_corpus,
@@ -220,7 +221,7 @@ def apply(cfg: Config, ctx: ApplyContext) -> Outcome:
 
     def work() -> Iterator[tuple[tuple[int, pa.RecordBatch], list[str]]]:
         start = 0
-        for batch in parallel.read_batches(source, ["text", *meta], cfg.batch_rows):
+        for batch in iter_batches(source, ["text", *meta], cfg.batch_rows):
             # The texts go to a worker; this process keeps the batch to write its survivors.
             yield (start, batch), batch.column("text").to_pylist()
             start += batch.num_rows

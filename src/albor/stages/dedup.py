@@ -50,6 +50,7 @@ from albor.data.corpus import (
     REJECTED_FILE,
     CorpusWriter,
     RowWriter,
+    iter_batches,
     num_rows,
     open_corpus,
     rejected_schema,
@@ -291,7 +292,7 @@ def _scan(cfg: Config, source: Path, rows: int, batches: int) -> _Documents:
 
     def work() -> Iterator[tuple[tuple[int, pa.RecordBatch], list[str]]]:
         start = 0
-        for batch in parallel.read_batches(source, columns, cfg.batch_rows):
+        for batch in iter_batches(source, columns, cfg.batch_rows):
             texts = batch.column("text").to_pylist() if keyed else []
             # Only the texts travel to a worker; the rest stays here, without them.
             yield (start, batch.select(meta)), texts
@@ -454,7 +455,7 @@ def _write(
         CorpusWriter(ctx.out / CORPUS_FILE, cfg.batch_rows) as corpus,
         RowWriter(ctx.out / REJECTED_FILE, REJECTED_SCHEMA, cfg.batch_rows) as report,
     ):
-        batch_iter = parallel.read_batches(source, batch_rows=cfg.batch_rows)
+        batch_iter = iter_batches(source, batch_rows=cfg.batch_rows)
         for batch in progress.track(batch_iter, f"{NAME}: write", batches):
             stop = start + batch.num_rows
             reasons = found.reasons[start:stop]

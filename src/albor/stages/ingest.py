@@ -1,18 +1,24 @@
 """ingest: read source files and tables into one Parquet corpus, counting every file it rejects.
 
-Sources (`data/sources.py`): the running Python's stdlib (the built-in default corpus), local
+Sources (`data/sources/`): the running Python's stdlib (the built-in default corpus), local
 directories, globs, the tracked files of git checkouts, Parquet / JSONL files with a text column,
 and Hugging Face datasets already in the local cache. Files are decoded as Python decodes source
 (UTF-8, or the codec of a PEP 263 coding cookie). Every file or row seen is either kept (a row of
 `corpus.parquet`) or rejected with a reason (a row of `rejected.parquet`), so
 in == kept + rejected. The plan looks only at `stat` results, Parquet footers, `git ls-files` and
 the datasets cache; a git source's commit is recorded in the metrics and the fingerprint.
+
+With `workers` > 1 the files of stdlib, dir, glob and git sources are read, decoded and hashed in
+worker processes, batch by batch, and come back in walk order, so the corpus is the same whatever
+`workers` is. Parquet, JSONL and hf rows are decoded in this process (their reader is the work).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +28,10 @@ from pydantic import Field, model_validator
 from albor import progress
 from albor.artifact import sha256_file
 from albor.config import Int
+from albor.data import parallel
 from albor.data.corpus import CORPUS_FILE, REJECTED_FILE, CorpusWriter, RowWriter, document
 from albor.data.sources import (
+    UNREADABLE,
     GitSource,
     HfSource,
     JsonlSource,
@@ -31,11 +39,13 @@ from albor.data.sources import (
     Source,
     StdlibSource,
     describe,
+    file_entries,
     git_checkout,
     git_dirty,
     iter_source,
     label,
     location,
+    read_file,
     scan,
     state,
 )
@@ -82,6 +92,12 @@ class Config(OutputConfig):
     )
     batch_rows: Int = Field(
         default=512, gt=0, description="Rows per record batch written to Parquet."
+    )
+    workers: parallel.Workers = Field(
+        default=1,
+        description=parallel.workers_description(
+            "read, decode and hash the files of stdlib, dir, glob and git sources"
+        ),
     )
 
     @model_validator(mode="after")
@@ -149,7 +165,8 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
     p.estimates["documents_seen"] = items if counted else f"{items} + JSONL lines"
     p.estimates["input_mb"] = round(total / 1e6, 2)
     p.estimates["disk_bytes"] = round(total * _COMPRESSION)
-    p.estimates["wall_time_s"] = round(total / 1e6 / _MB_PER_S, 1)
+    workers = parallel.plan_workers(p, cfg.workers)
+    p.estimates["wall_time_s"] = round(total / 1e6 / _MB_PER_S / workers, 1)
     p.actions.append(
         f"read {len(cfg.sources)} source(s); write {CORPUS_FILE}, {REJECTED_FILE} to {cfg.output}"
     )
@@ -169,19 +186,17 @@ def apply(cfg: Config, ctx: ApplyContext) -> Outcome:
             mine: Counter[str] = Counter()
             n_kept = n_bytes = 0
             seen = hashlib.sha256()  # what was read: every path with its text hash or reason
-            reads = iter_source(src, cfg.max_file_bytes, cfg.batch_rows)
-            for r in progress.track(reads, f"ingest {name}"):
-                if r.text is None:
-                    reason = r.reason or "unreadable"
+            for path, doc, why in progress.track(_documents(src, cfg), f"ingest {name}"):
+                if doc is None:
+                    reason = why or UNREADABLE
                     mine[reason] += 1
-                    report.write({"path": r.path, "source": name, "reason": reason})
-                    seen.update(f"{r.path}\0{reason}\n".encode())
+                    report.write({"path": path, "source": name, "reason": reason})
+                    seen.update(f"{path}\0{reason}\n".encode())
                 else:
-                    doc = document(r.text, r.path, name)
                     corpus.write(doc)
                     n_kept += 1
                     n_bytes += doc["bytes"]
-                    seen.update(f"{r.path}\0{doc['sha256']}\n".encode())
+                    seen.update(f"{path}\0{doc['sha256']}\n".encode())
             per[name] = {
                 **counts(n_kept + mine.total(), n_kept, dict(mine)),
                 "bytes": n_bytes,
@@ -208,6 +223,41 @@ def apply(cfg: Config, ctx: ApplyContext) -> Outcome:
         metrics={"bytes_kept": bytes_kept, "sources": per},
         sources=[_provenance(s, per[label(s)]) for s in cfg.sources],
     )
+
+
+Seen = tuple[str, dict[str, Any] | None, str | None]  # (path, corpus row or None, reason)
+
+
+def _documents(src: Source, cfg: Config) -> Iterator[Seen]:
+    """Every file or row of `src` as a corpus row or a rejection, in the source's order."""
+    name = label(src)
+    if isinstance(src, ParquetSource | JsonlSource | HfSource):
+        for r in iter_source(src, cfg.max_file_bytes, cfg.batch_rows):
+            doc = document(r.text, r.path, name) if r.text is not None else None
+            yield r.path, doc, r.reason
+        return
+    entries = iter(file_entries(src))
+    batches = iter(
+        lambda: [(e.path, e.rel, e.listable) for e in itertools.islice(entries, cfg.batch_rows)],
+        [],
+    )
+    payloads = ((name, cfg.max_file_bytes, batch) for batch in batches)
+    for seen in parallel.map_batches(_read_files, payloads, cfg.workers, what=f"ingest {name}"):
+        yield from seen
+
+
+def _read_files(payload: tuple[str, int, list[tuple[str, str, bool]]]) -> list[Seen]:
+    """Read, decode and hash a batch of (path, rel, listable) files of source `name`. Runs in a
+    worker process with `workers` > 1, so it is top-level and takes and returns plain data."""
+    name, max_bytes, entries = payload
+    out: list[Seen] = []
+    for path, rel, listable in entries:
+        if not listable:
+            out.append((rel, None, UNREADABLE))
+            continue
+        text, reason = read_file(path, max_bytes)
+        out.append((rel, document(text, rel, name) if text is not None else None, reason))
+    return out
 
 
 def source_digests(cfg: Config) -> dict[str, str]:
