@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import STDLIB, STDLIB_SAMPLE, write_corpus_artifact
+from helpers import STDLIB, STDLIB_SAMPLE, pretrain_config, write_corpus_artifact
 
 
 @pytest.fixture
@@ -48,21 +48,21 @@ def token_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def trained_model(token_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A pretrain artifact (tiny preset, the 512-token BPE of `token_data` with the FIM tokens)
-    trained long enough that its completions are not noise: model.safetensors, config.json and tokenizer.json in one directory, as the engine,
-    the exporters and the server load it. Read-only for tests: copy it before changing it."""
+    trained long enough that its completions are not noise: model.safetensors, config.json and
+    tokenizer.json in one directory, as the engine, the exporters and the server load it.
+    Read-only for tests: copy it before changing it."""
     from albor.stage import load_stage, run_stage
-    from albor.stages import pretrain
 
-    cfg = pretrain.Config(
-        data=token_data,
-        output=tmp_path_factory.mktemp("trained_model") / "pretrain",
-        model="tiny",
+    out = tmp_path_factory.mktemp("trained_model") / "pretrain"
+    cfg = pretrain_config(
+        token_data,
+        out,
         micro_batch=8,
         max_steps=150,
         warmup_steps=10,
         lr=1e-2,
-        seq_len=64,
         eval_tokens=0,
+        checkpoint_every=75,
         threads=1,
     )
     return run_stage(load_stage("pretrain"), cfg).output

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import sysconfig
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from albor.artifact import atomic_write_json, describe_outputs, outputs_digest
 from albor.data.corpus import CORPUS_FILE, CorpusWriter, document
+from albor.stages import pretrain
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
@@ -73,3 +75,25 @@ def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
         raise SystemExit(0)
     captured = capsys.readouterr()
     return int(e.value.code or 0), captured.out, captured.err
+
+
+def pretrain_config(data: Path, out: Path, **overrides: Any) -> pretrain.Config:
+    """A pretrain config for the tiny preset that trains in seconds on `token_data`: the one
+    place tests spell it; each test overrides what it is about."""
+    from albor.stages import pretrain
+
+    base: dict[str, Any] = dict(
+        data=data,
+        output=out,
+        model="tiny",
+        micro_batch=4,
+        max_steps=30,
+        warmup_steps=3,
+        lr=3e-3,
+        eval_every=10,
+        eval_tokens=1024,
+        checkpoint_every=10,
+        log_every=5,
+        seq_len=64,
+    )
+    return pretrain.Config.model_validate({**base, **overrides})

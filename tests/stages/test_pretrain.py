@@ -21,25 +21,11 @@ from albor.model.estimate import memory_budget
 from albor.stage import PlanContext, load_stage, run_stage
 from albor.stages import pretrain
 from albor.train import checkpoint
+from helpers import pretrain_config
 
 
 def tiny(data: Path, out: Path, **kw: Any) -> pretrain.Config:
-    base: dict[str, Any] = dict(
-        data=data,
-        output=out,
-        model="tiny",
-        micro_batch=4,
-        max_steps=30,
-        warmup_steps=3,
-        lr=3e-3,
-        eval_every=10,
-        eval_tokens=1024,
-        checkpoint_every=10,
-        log_every=5,
-        seq_len=64,
-    )
-    base.update(kw)
-    return pretrain.Config.model_validate(base)
+    return pretrain_config(data, out, **kw)
 
 
 def test_plan_estimates(token_data: Path, tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from albor.train.supervisor import Supervisor, WatchSettings, classify
+from helpers import pretrain_config
 
 # The child's behaviour on its Nth start (N counted in a file): "exit:3", "kill:SIGKILL",
 # "stall" (heartbeat once, then sleep ignoring SIGTERM), "wait" (sleep until SIGTERM, exit 0),
@@ -167,27 +168,19 @@ def test_classify(returncode: int, tail: list[str], kind: str) -> None:
 
 @pytest.mark.slow
 def test_watch_brings_a_killed_pretrain_run_to_completion(token_data: Path, tmp_path: Path) -> None:
-    from albor.stages import pretrain
-
     cfg = tmp_path / "pretrain.yaml"
     out = tmp_path / "out"
-    config = pretrain.Config.model_validate(
-        dict(
-            data=token_data,
-            output=out,
-            model="tiny",
-            max_steps=60,
-            warmup_steps=5,
-            lr=3e-3,
-            seq_len=32,
-            micro_batch=4,
-            log_every=1,
-            eval_every=20,
-            eval_tokens=512,
-            checkpoint_every=10,
-            keep_checkpoints=2,
-            threads=1,
-        )
+    config = pretrain_config(
+        token_data,
+        out,
+        max_steps=60,
+        warmup_steps=5,
+        seq_len=32,
+        log_every=1,
+        eval_every=20,
+        eval_tokens=512,
+        keep_checkpoints=2,
+        threads=1,
     )
     cfg.write_text(json.dumps(config.model_dump(mode="json", exclude_none=True)))  # JSON is YAML
     command = [sys.executable, "-m", "albor", "train", "watch", str(cfg)]
