@@ -64,6 +64,7 @@ REGISTRY: dict[str, str] = {
     "tokenize": "albor.stages.tokenize",
     "pretrain": "albor.stages.pretrain",
     "evaluate": "albor.stages.evaluate",
+    "export": "albor.stages.export",
 }
 
 # One line per stage type for `albor --help`, kept here so help never imports a stage.
@@ -79,6 +80,7 @@ DESCRIPTIONS: dict[str, str] = {
     "tokenize": "Encode the splits into packed token shards (.npy) with an index.",
     "pretrain": "Pretrain the decoder on token shards; writes an HF-compatible checkpoint.",
     "evaluate": "Perplexity and bits per byte of a checkpoint, beside a unigram baseline.",
+    "export": "Export a checkpoint as an HF dir and GGUF files; check token and top-1 parity.",
 }
 
 

@@ -1,0 +1,181 @@
+"""export: plan checks, the end-to-end apply with its parity figures, and parity failures."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+
+from albor.errors import StageFailed
+from albor.infer.engine import generate
+from albor.model.hf import load_pretrained
+from albor.stage import PlanContext, load_stage, run_stage
+from albor.stages import export, split
+from helpers import STDLIB, STDLIB_SAMPLE, run, write_corpus_artifact
+
+pytest.importorskip("gguf")
+pytest.importorskip("llama_cpp")
+pytestmark = pytest.mark.llamacpp
+
+GGUF_FILES = ["model-f16.gguf", "model-q4_0.gguf", "model-q4_k_m.gguf", "model-q8_0.gguf"]
+HF_FILES = [
+    "hf/config.json",
+    "hf/generation_config.json",
+    "hf/model.safetensors",
+    "hf/special_tokens_map.json",
+    "hf/tokenizer.json",
+    "hf/tokenizer_config.json",
+]
+
+
+def _copy(trained_model: Path, dest: Path) -> Path:
+    shutil.copytree(trained_model, dest)
+    return dest
+
+
+def test_plan_checks_and_estimates(trained_model: Path, tmp_path: Path) -> None:
+    p = export.plan(export.Config(model=trained_model, output=tmp_path / "out"))
+    assert p.ok, p.summary()
+    status = {c.name: c.status for c in p.checks}
+    assert status["tokenizer"] == "ok" and status["blocks f16"] == "ok"
+    # tiny's FFN width (176) does not split into blocks of 32: plan says which tensors move.
+    warn = next(c for c in p.checks if c.name == "blocks q8_0")
+    assert warn.status == "warn" and "blk.0.ffn_down.weight" in warn.detail
+    e = p.estimates
+    assert e["fp32_safetensors_bytes"] == (trained_model / "model.safetensors").stat().st_size
+    assert e["bytes_q4_0"] < e["bytes_q8_0"] < e["bytes_f16"] < e["fp32_safetensors_bytes"]
+    assert len(p.actions) == 6
+    pending = export.plan(
+        export.Config(model=tmp_path / "later", output=tmp_path / "o"),
+        PlanContext({"model": "pretrain"}),
+    )
+    assert pending.ok and "bytes_f16" not in pending.estimates
+
+
+def test_plan_failures_name_the_fix(
+    trained_model: Path, token_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = export.plan(export.Config(model=tmp_path / "nope", output=tmp_path / "o"))
+    assert [c.name for c in missing.failures] == ["model"]
+    not_a_model = export.plan(export.Config(model=token_data, output=tmp_path / "o"))
+    assert [c.name for c in not_a_model.failures] == ["model"]
+    assert "config.json" in not_a_model.failures[0].detail
+
+    other = _copy(trained_model, tmp_path / "whitespace")
+    data = json.loads((other / "tokenizer.json").read_text())
+    data["pre_tokenizer"] = {"type": "Whitespace"}
+    (other / "tokenizer.json").write_text(json.dumps(data))
+    p = export.plan(export.Config(model=other, output=tmp_path / "o"))
+    assert [c.name for c in p.failures] == ["tokenizer"]
+    assert "Whitespace" in p.failures[0].detail and "gpt-2" in p.failures[0].detail
+
+    too_long = export.plan(
+        export.Config(model=trained_model, output=tmp_path / "o", prompt_tokens=129)
+    )
+    assert [c.name for c in too_long.failures] == ["prompt_tokens"]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "llama_cpp", None)  # as if llama-cpp-python were not installed
+        no_llama = export.plan(export.Config(model=trained_model, output=tmp_path / "o"))
+        assert [c.name for c in no_llama.failures] == ["llama_cpp"]
+        assert "pip install llama-cpp-python" in no_llama.failures[0].detail
+        hf_only = export.Config(model=trained_model, output=tmp_path / "o", formats=["hf"])
+        assert export.plan(hf_only).ok
+
+    cfg = tmp_path / "export.yaml"
+    cfg.write_text(f"model: {other}\noutput: {tmp_path / 'o'}\n")
+    code, out, _ = run(["export", "plan", str(cfg), "--json"], capsys)
+    assert code == 1 and json.loads(out)["ok"] is False
+    code, _, err = run(["export", "plan", str(cfg), "--set", "formats=[]"], capsys)
+    assert code == 2 and "formats" in err
+
+
+def test_apply_writes_every_format_with_parity(trained_model: Path, tmp_path: Path) -> None:
+    cfg = export.Config(model=trained_model, output=tmp_path / "export", threads=1)
+    res = run_stage(load_stage("export"), cfg)
+    out = res.output
+    assert [o["path"] for o in res.manifest["outputs"]] == GGUF_FILES + HF_FILES
+    m = res.manifest["metrics"]
+    fp32 = (trained_model / "model.safetensors").stat().st_size
+    assert m["fp32_safetensors_bytes"] == fp32
+    assert m["parity"]["texts"] == len(export.STDLIB_SAMPLE)
+    assert m["parity"]["prompts"] == 32 and m["parity"]["prompt_tokens"] == 64
+    for fmt in ("f16", "q8_0", "q4_0", "q4_k_m"):
+        f = m["gguf"][fmt]
+        assert f["bytes"] == (out / f"model-{fmt}.gguf").stat().st_size
+        assert f["reduction_vs_fp32"] == round(fp32 / f["bytes"], 3)
+        assert f["tokenization"]["mismatched_texts"] == 0
+        assert f["tokenization_plain_text"]["mismatched_texts"] == 0
+        assert f["tokenization"]["tokens"] > 10_000
+        assert f["top1_positions"] == 32 * 64
+    assert m["gguf"]["f16"]["tokenization"]["detokenize_mismatched_texts"] == 0
+    assert m["gguf"]["f16"]["top1_agreement_tie_aware"] == 1.0
+    assert m["gguf"]["f16"]["max_abs_logit_diff"] < 0.05
+    assert m["gguf"]["q8_0"]["top1_agreement_tie_aware"] >= 0.99
+    assert m["gguf"]["q8_0"]["fallbacks"] and not m["gguf"]["f16"]["fallbacks"]
+    assert m["hf"]["generate"]["matching_prompts"] == m["hf"]["generate"]["prompts"] == 4
+    assert m["hf"]["tokenizer"]["mismatched_texts"] == 0
+    assert "f16" in res.manifest["summary"] and "x smaller" in res.manifest["summary"]
+    assert run_stage(load_stage("export"), cfg).status == "up to date"
+
+    # Independently of the stage's own check: transformers loads hf/ and generates albor's tokens.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    theirs = AutoModelForCausalLM.from_pretrained(out / "hf").eval()
+    auto_tok = AutoTokenizer.from_pretrained(out / "hf")
+    tok = Tokenizer.from_file(str(out / "hf" / "tokenizer.json"))
+    ours, _ = load_pretrained(trained_model)
+    text = (STDLIB / STDLIB_SAMPLE[0]).read_text(encoding="utf-8")
+    assert auto_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text).ids
+    prompt = [0, *tok.encode("def insort(a, x):\n    ").ids]
+    with torch.no_grad():
+        got = theirs.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=20)
+    want = list(generate(ours, prompt, max_new_tokens=20, stop_token_ids=(0,)))
+    assert got[0, len(prompt) :].tolist()[: len(want)] == want
+    gen = json.loads((out / "hf" / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == 0 and gen["pad_token_id"] == 0
+
+
+def _split_artifact(tmp_path: Path) -> Path:
+    texts = [(n, (STDLIB / n).read_text(encoding="utf-8")) for n in STDLIB_SAMPLE]
+    corpus = write_corpus_artifact(tmp_path / "corpus", texts)
+    cfg = split.Config(input=corpus, output=tmp_path / "split", val=0.3, test=0.1)
+    return run_stage(load_stage("split"), cfg).output
+
+
+FED_BY_NORMS = tuple(f"{p}_proj.weight" for p in ("q", "k", "v", "gate", "up"))
+
+
+def test_apply_fails_naming_the_figures_when_q8_0_misses(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """Outliers the model never uses leave Q8_0 too coarse a step for the weights it does use:
+    channels 0 and 32 of the norms feeding q/k/v and gate/up are zeroed, so huge weights in
+    those input columns change nothing in fp32 (or F16), but each is the absmax of its block of
+    32, and Q8_0 rounds the 31 other weights of the block to a few levels."""
+    model = _copy(trained_model, tmp_path / "outliers")
+    state = load_file(str(model / "model.safetensors"))
+    for name, w in state.items():
+        if name.endswith("layernorm.weight"):
+            w[[0, 32]] = 0.0
+        elif name.endswith(FED_BY_NORMS):
+            w[:, [0, 32]] = w.abs().amax() * 100
+    save_file(state, str(model / "model.safetensors"), metadata={"format": "pt"})
+    data = _split_artifact(tmp_path)
+    cfg = export.Config(
+        model=model, data=data, formats=["q8_0"], output=tmp_path / "export", threads=1
+    )
+    with pytest.raises(StageFailed, match=r"q8_0: top-1 agreement with albor \d+\.\d+% over") as e:
+        run_stage(load_stage("export"), cfg)
+    assert "needs 99%" in str(e.value) and "max logit difference" in str(e.value)
+    assert not (tmp_path / "export").exists()  # a failed apply leaves no artifact
+    cfg.formats = ["f16"]
+    res = run_stage(load_stage("export"), cfg)
+    assert res.manifest["metrics"]["parity"]["source"] == f"val split of {data}"
+    assert [o["path"] for o in res.manifest["outputs"]] == ["model-f16.gguf"]
