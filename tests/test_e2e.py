@@ -80,7 +80,7 @@ def test_small_ladder_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[s
     code, out, _ = run(["complete", str(ckpt), "def ", "--max-tokens", "8", "--json"], capsys)
     assert code == 0 and isinstance(json.loads(out)["completion"], str)
     code, _, err = run(["complete", str(tmp_path / "nope"), "def "], capsys)
-    assert code == 1 and "Traceback" not in err
+    assert code == 2 and "Traceback" not in err  # a usage error: no such model
 
 
 @pytest.mark.slow

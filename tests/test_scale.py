@@ -1,11 +1,11 @@
-"""Scale: clean -> dedup -> decontaminate stream a corpus several times larger than the memory
-they may use.
+"""Scale: clean -> dedup -> decontaminate -> split stream a corpus several times larger than the
+memory they may use.
 
 The corpus is the stdlib 14 times over (about 440 MB of text), each copy perturbed so that copies
 are not near-duplicates of one another, with exact and near duplicates and HumanEval solutions
-planted. It is written a batch at a time, then the three stages run through `run_stage` with two
-workers in a subprocess, which reports its peak RSS over its baseline after the imports (VmHWM),
-the peak of each stage and that of its workers; each must stay under `CAP_MB`.
+planted. It is written a batch at a time, then the stages run through `run_stage` in a subprocess
+(the first three with two workers), which reports its peak RSS over its baseline after the
+imports (VmHWM), the peak of each stage and that of its workers; each must stay under `CAP_MB`.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from pathlib import Path
 
 from albor import progress
 from albor.stage import run_stage
-from albor.stages import clean, dedup, decontaminate
+from albor.stages import clean, dedup, decontaminate, split
 
 
 def high_water_mb(pid="self"):
@@ -89,12 +89,15 @@ def main():
     watcher = threading.Thread(target=watch, args=(workers_peak, stop), daemon=True)
     watcher.start()
     counts, metrics, peaks, inp = {}, {}, {}, src
-    steps = ((clean, {"plan_sample_rows": 256}), (dedup, {}), (decontaminate, {}))
+    steps = (
+        (clean, {"plan_sample_rows": 256, "workers": workers}),
+        (dedup, {"workers": workers}),
+        (decontaminate, {"workers": workers}),
+        (split, {}),
+    )
     for module, extra in steps:
         reset_high_water()
-        cfg = module.Config(
-            input=inp, output=out / module.NAME, workers=workers, batch_rows=batch_rows, **extra
-        )
+        cfg = module.Config(input=inp, output=out / module.NAME, batch_rows=batch_rows, **extra)
         result = run_stage(module, cfg)
         counts[module.NAME] = result.manifest["counts"]
         metrics[module.NAME] = result.manifest["metrics"]
@@ -224,3 +227,4 @@ def test_stages_stream_a_corpus_larger_than_their_memory(tmp_path: Path) -> None
     # Copies of one module are not near-duplicates of each other: dedup keeps most documents.
     assert counts["dedup"]["kept"] >= 0.9 * counts["dedup"]["in"]
     assert counts["decontaminate"]["rejected"]["contaminated"] >= corpus["kinds"]["solution"]
+    assert counts["split"]["in"] == counts["split"]["kept"] == counts["decontaminate"]["kept"]

@@ -79,7 +79,7 @@ DESCRIPTIONS: dict[str, str] = {
     "tokenizer": "Train a ByteLevel BPE tokenizer; verify the round trip on val.",
     "tokenize": "Encode the splits into packed token shards (.npy) with an index.",
     "pretrain": "Pretrain the decoder on token shards; writes an HF-compatible checkpoint.",
-    "evaluate": "Perplexity and bits per byte of a checkpoint, beside a unigram baseline.",
+    "evaluate": "Perplexity, HumanEval pass@k and infilling in a sandbox, custom benchmarks.",
     "export": "Export a checkpoint as an HF dir and GGUF files; check token and top-1 parity.",
 }
 

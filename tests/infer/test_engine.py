@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -164,3 +166,178 @@ def test_token_healing_regenerates_the_cut_token() -> None:
     assert raw[0] in candidates
     full = tok.decode([eos, *ids[:-1], *raw], skip_special_tokens=False)
     assert full == tok.decode([eos, *ids[:-1]], skip_special_tokens=False) + text + healed
+
+
+# ----- batched generation -------------------------------------------------------------------
+
+
+def test_batched_forward_equals_the_model_on_padded_rows(model: GPT) -> None:
+    from albor.infer.engine import _forward
+    from albor.model.gpt import rope_cos_sin
+
+    rows = [[5, 17, 300, 2, 9, 11], [7, 8], [40, 41, 42, 43]]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    pad = torch.tensor([width - len(r) for r in rows])
+    positions = (torch.arange(width)[None] - pad[:, None]).clamp(min=0)
+    with torch.no_grad():
+        cache = model.new_cache(3, width)
+        got = _forward(model, ids, positions, pad, cache, rope_cos_sin(model.cfg, 0, 32, "cpu"))
+        for i, r in enumerate(rows):
+            want = model(torch.tensor([r]))[0, -1]
+            torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-5)
+
+
+def test_batched_greedy_rows_equal_single_prompt_generation(model: GPT) -> None:
+    from albor.infer.engine import stream_batch
+
+    prompts = [[5, 17, 300, 2, 9], [1], [44, 45, 46], [5, 17, 300, 2, 9, 8, 7, 6, 5]]
+    single = [list(generate(model, p, max_new_tokens=10)) for p in prompts]
+    rows: list[list[int]] = [[] for _ in prompts]
+    ended: list[int] = []
+    for row, token in stream_batch(model, prompts, max_new_tokens=10):
+        if token is None:
+            ended.append(row)
+        else:
+            assert row not in ended
+            rows[row].append(token)
+    assert rows == single and sorted(ended) == [0, 1, 2, 3]
+
+
+def test_batched_rows_end_on_their_own(model: GPT) -> None:
+    from albor.infer.engine import stream_batch
+
+    prompts = [[1, 2, 3], list(range(10, 30)), [4, 5]]
+    alone = [list(generate(model, p, max_new_tokens=40)) for p in prompts]
+    stop = alone[2][1]  # a stop token that ends row 2 early
+    out: list[list[int]] = [[] for _ in prompts]
+    done: set[int] = set()
+    for row, token in stream_batch(
+        model, prompts, max_new_tokens=[40, 40, 40], stop_token_ids=[stop], done=done
+    ):
+        if token is not None:
+            out[row].append(token)
+            if row == 0 and len(out[0]) == 3:
+                done.add(0)  # as a stop string found in the text would
+    assert out[0] == alone[0][:3]
+    # Row 1's 20-token prompt fills the 32-token context after 13 tokens, as it does alone.
+    cut1 = alone[1].index(stop) if stop in alone[1] else len(alone[1])
+    assert out[1] == alone[1][:cut1] and len(alone[1]) == 32 - 20 + 1
+    assert out[2] == alone[2][: alone[2].index(stop)]
+
+
+def test_seeded_batches_are_reproducible_and_rows_differ(model: GPT) -> None:
+    from albor.infer.engine import Sampling, stream_batch
+
+    def run(seed: int) -> list[list[int]]:
+        out: list[list[int]] = [[], [], []]
+        sampling = Sampling(temperature=1.0, top_p=0.95, seed=seed)
+        for row, token in stream_batch(model, [[3, 4]] * 3, max_new_tokens=12, sampling=sampling):
+            if token is not None:
+                out[row].append(token)
+        return out
+
+    a = run(1)
+    assert a == run(1) and a != run(2)
+    assert len({tuple(r) for r in a}) == 3  # the same prompt n times gives n samples
+
+
+# ----- text: incremental decoding, stop strings, prompts --------------------------------------
+
+
+def _byte_tokenizer() -> Tokenizer:
+    """Byte-level BPE with no merges: every UTF-8 byte is its own token."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=257,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(["a"], trainer)
+    return tok
+
+
+def test_text_stream_emits_multibyte_characters_whole() -> None:
+    from albor.infer.engine import TextStream
+
+    tok = _byte_tokenizer()
+    text = "x = '🐍 ñandú → 中文'\n"
+    ids = tok.encode(text).ids
+    assert len(ids) == len(text.encode())  # one token per byte: characters span tokens
+    decode = lambda t: tok.decode(list(t), skip_special_tokens=False)  # noqa: E731
+    stream = TextStream(decode, tok.encode("print(").ids)
+    pieces = [stream.push(i) for i in ids] + [stream.flush()]
+    assert "".join(pieces) == text == stream.text
+    assert all("\ufffd" not in p for p in pieces)
+    assert [p for p in pieces if p][5] == "🐍"  # four tokens, one character
+
+
+def test_text_stream_holds_back_and_cuts_stop_strings() -> None:
+    from albor.infer.engine import HUMANEVAL_STOPS, TextStream
+
+    assert HUMANEVAL_STOPS == ("\ndef", "\nclass", "\nif", "\nprint", "\n#")
+    tok = _byte_tokenizer()
+    decode = lambda t: tok.decode(list(t), skip_special_tokens=False)  # noqa: E731
+    body = "    return a + b\n    # done\ndef next():"
+    stream = TextStream(decode, stop=HUMANEVAL_STOPS)
+    pieces = []
+    for i in tok.encode(body).ids:
+        pieces.append(stream.push(i))
+        if stream.stopped:
+            break
+    assert "".join(pieces) == "    return a + b\n    # done" == stream.text
+    # "\n" and "\n " were held back (a stop string could have started there), not lost.
+    assert "\n" not in pieces and stream.stopped
+    # Text that only looked like the start of a stop string comes out at the end.
+    stream = TextStream(decode, stop=["\ndef"])
+    out = "".join(stream.push(i) for i in tok.encode("x\nde").ids) + stream.flush()
+    assert out == "x\nde" and not stream.stopped
+
+
+def test_streamed_text_equals_complete_and_counts_tokens() -> None:
+    from albor.infer.engine import TorchBackend, completions, make_prompt, stream_completions
+
+    tok = _tokenizer()
+    torch.manual_seed(1)
+    model = GPT(preset("tiny", vocab_size=tok.get_vocab_size(), max_seq_len=64)).eval()
+    backend = TorchBackend(model, tok)
+    prefixes = ["def add(a, b):\n", "for i in range(", "x = 1"]
+    prompts = [make_prompt(backend, p) for p in prefixes]
+    assert prompts[0].healed == "\n" or prompts[0].healed.endswith("\n")
+    pieces = ["", "", ""]
+    finals = {}
+    for d in stream_completions(backend, prompts, max_new_tokens=9):
+        pieces[d.row] += d.text
+        if d.finish_reason:
+            finals[d.row] = d
+    for i, p in enumerate(prefixes):
+        assert pieces[i] == complete(model, tok, p, max_new_tokens=9)
+        assert finals[i].completion_tokens <= 9
+        if finals[i].finish_reason == "length":
+            assert finals[i].completion_tokens == 9
+    gathered = completions(backend, prompts, max_new_tokens=9)
+    assert [c.text for c in gathered] == pieces
+    assert gathered[0].prompt_tokens == 1 + len(tok.encode(prefixes[0]).ids)  # EOS + prefix
+
+
+def test_fim_prompts_use_the_training_layout_and_end_at_eos(trained_model: Path) -> None:
+    from albor.data.bpe import EOS_ID, plain_text
+    from albor.data.fim import prompt_ids
+    from albor.infer.engine import TorchBackend, completions, make_prompt
+    from albor.model.hf import load_pretrained
+
+    model, _ = load_pretrained(trained_model)
+    tok = Tokenizer.from_file(str(trained_model / "tokenizer.json"))
+    backend = TorchBackend(model, tok)
+    prefix, suffix = "def area(r):\n    return ", " * r * r\n"
+    for mode in ("psm", "spm"):
+        prompt = make_prompt(backend, prefix, suffix, fim_mode=mode)
+        assert prompt.ids == [EOS_ID, *prompt_ids(plain_text(tok), prefix, suffix, mode)]
+        (c,) = completions(backend, [prompt], max_new_tokens=40)
+        greedy = list(generate(model, prompt.ids, max_new_tokens=40))
+        assert EOS_ID not in greedy or c.finish_reason == "stop"
+        cut = greedy.index(EOS_ID) if EOS_ID in greedy else len(greedy)
+        assert c.text == tok.decode(greedy[:cut]) and c.completion_tokens == cut
+        assert "<|" not in c.text

