@@ -151,3 +151,15 @@ def test_generator_on_a_trained_model(trained_model: Path, problems: list[he.Cod
     assert len(set(a)) > 1  # three seeds, three samples
     middles = gen.infill(p.task_id, "def f(x):\n    y = ", "\n    return y\n", "psm", greedy)
     assert len(middles) == 1 and "<|" not in middles[0]
+
+
+def test_greedy_batches_give_the_completions_of_one_prompt_at_a_time(
+    trained_model: Path, problems: list[he.CodeProblem]
+) -> None:
+    gen = he.Generator(trained_model)
+    items = [(p.task_id, p.prompt) for p in problems[:7]]
+    one = he.SamplingConfig(max_new_tokens=20, batch_size=1)
+    batched = he.SamplingConfig(max_new_tokens=20, batch_size=4)  # a full batch and a short one
+    alone = list(gen.complete_many(items, one))
+    assert alone == [gen.complete(t, p, one) for t, p in items]
+    assert list(gen.complete_many(items, batched)) == alone

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -27,7 +27,6 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from albor import progress
 from albor.artifact import atomic_write_text
 from albor.config import Int, StageConfig
 from albor.errors import ConfigError, DataError
@@ -153,6 +152,12 @@ class SamplingConfig(StageConfig):
     top_k: int | None = Field(None, ge=1, description="Sample only from the k most likely.")
     seed: int = Field(0, description="Seed of sample i of a problem: a hash of (seed, task, i).")
     max_new_tokens: Int = Field(384, ge=1, description="Most tokens generated per sample.")
+    batch_size: Int = Field(
+        8,
+        ge=1,
+        description="Greedy prompts generated together in one batch (the same text as one at a "
+        "time); sampled ones run one by one, each seeded by its problem and index.",
+    )
 
     @model_validator(mode="after")
     def _greedy_once(self) -> SamplingConfig:
@@ -262,14 +267,28 @@ class Generator:
             out.append(self.tokenizer.decode(new, skip_special_tokens=False))
         return out
 
+    def complete_many(
+        self,
+        items: Sequence[tuple[str, str]],
+        s: SamplingConfig,
+        stop: Sequence[str] = STOP_STRINGS,
+    ) -> Iterator[list[str]]:
+        """`complete` for many (task_id, prompt) pairs, in order. Greedy prompts go through the
+        engine `s.batch_size` at a time in one batch, whose rows equal single-prompt greedy
+        generation; sampled ones go one by one, so that each sample's seed alone decides it."""
+        if s.temperature > 0 or s.batch_size == 1:
+            for task_id, prompt in items:
+                yield self.complete(task_id, prompt, s, stop)
+            return
+        from albor.infer.engine import TorchBackend, completions, make_prompt
 
-def generate_completions(
-    problems: Sequence[CodeProblem],
-    generate: Callable[[CodeProblem], list[str]],
-    description: str = "generating",
-) -> list[list[str]]:
-    """The completions of every problem, with a progress bar."""
-    return [generate(p) for p in progress.track(problems, description)]
+        backend = TorchBackend(self.model, self.tokenizer)
+        budget = self.context - s.max_new_tokens - 2  # as in `complete`
+        for start in range(0, len(items), s.batch_size):
+            chunk = items[start : start + s.batch_size]
+            prompts = [make_prompt(backend, self._fit(p, budget, "end")) for _, p in chunk]
+            for c in completions(backend, prompts, max_new_tokens=s.max_new_tokens, stop=stop):
+                yield [c.text]
 
 
 # ----- completions and results files ---------------------------------------------------------

@@ -551,7 +551,6 @@ def _code(
         COMPLETIONS_SUFFIX,
         RESULTS_SUFFIX,
         execute,
-        generate_completions,
         write_completions,
     )
     from albor.evals.sandbox import Sandbox
@@ -559,8 +558,9 @@ def _code(
     problems = _problems(t)
     gen = models.generator()
     gen.truncated = 0
-    completions = generate_completions(
-        problems, lambda pr: gen.complete(pr.task_id, pr.prompt, t), f"{name}: generating"
+    items = [(pr.task_id, pr.prompt) for pr in problems]
+    completions = list(
+        progress.track(gen.complete_many(items, t), f"{name}: generating", total=len(items))
     )
     write_completions(out / f"{name}{COMPLETIONS_SUFFIX}", problems, completions)
     base = {"problems": len(problems), "n": t.n, "temperature": t.temperature}
