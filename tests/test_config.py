@@ -91,3 +91,17 @@ def test_override_errors() -> None:
         apply_overrides({}, ["novalue"])
     with pytest.raises(ConfigError, match="not a mapping"):
         apply_overrides({"a": 1}, ["a.b=2"])
+
+
+def test_overrides_index_lists() -> None:
+    data = {"tasks": [{"task": "a", "n": 1}, {"task": "b"}], "k": [1, 2]}
+    out = apply_overrides(data, ["tasks.1.n=20", "tasks.0.limit=5", "k.1=10"])
+    assert out == {
+        "tasks": [{"task": "a", "n": 1, "limit": 5}, {"task": "b", "n": 20}],
+        "k": [1, 10],
+    }
+    assert data["tasks"][1] == {"task": "b"}  # the input is left alone
+    with pytest.raises(ConfigError, match=r"tasks is a list of 2; index it with 0\.\.1, not '2'"):
+        apply_overrides(data, ["tasks.2.n=1"])
+    with pytest.raises(ConfigError, match="not 'x'"):
+        apply_overrides(data, ["tasks.x=1"])

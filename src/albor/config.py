@@ -136,7 +136,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Apply `a.b=value` overrides; the value is parsed as a YAML scalar and typed by the schema."""
+    """Apply `a.b=value` overrides; the value is parsed as a YAML scalar and typed by the schema.
+
+    A number indexes a list: `tasks.0.limit=10` sets `limit` in the first task."""
     out = _deep_copy(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -146,18 +148,35 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
-        node: dict[str, Any] = out
+        node: Any = out
         parts = key.strip().split(".")
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            if isinstance(node, list):
+                # A list item by its index: `--set tasks.1.n=20`.
+                where = ".".join(parts[:depth]) or "the config"
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(
+                        f"--set {item!r}: {where} is a list of {len(node)}; index it with "
+                        f"0..{len(node) - 1}, not '{part}'"
+                    )
+                index = int(part)
+                if last:
+                    node[index] = value
+                else:
+                    node = node[index]
+                continue
+            if not isinstance(node, dict):
+                where = ".".join(parts[:depth])
                 raise ConfigError(
-                    f"--set {item!r}: '{part}' is not a mapping, cannot set a key in it"
+                    f"--set {item!r}: '{where}' is not a mapping or list, cannot set a key in it"
                 )
-            node = child
-        node[parts[-1]] = value
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
     return out
 
 
