@@ -109,3 +109,11 @@ def test_default_manifest_learns_python(tmp_path: Path, capsys: pytest.CaptureFi
     )
     text = json.loads(out)["completion"]
     assert code == 0 and "(" in text
+    # The export stage ends the default pipeline: GGUF files llama.cpp runs, parity checked.
+    files = {
+        o["path"] for o in json.loads((work / "export" / "manifest.json").read_text())["outputs"]
+    }
+    assert {f"model-{q}.gguf" for q in ("f16", "q8_0", "q4_0", "q4_k_m")} <= files
+    gguf = work / "export" / "model-q4_k_m.gguf"
+    code, out, _ = run(["complete", str(gguf), "def ", "--max-tokens", "16", "--json"], capsys)
+    assert code == 0 and isinstance(json.loads(out)["completion"], str)

@@ -128,6 +128,7 @@ def test_default_manifest_loads_and_plans() -> None:
         "tokenize",
         "pretrain",
         "evaluate",
+        "export",
     ]
 
 

@@ -32,7 +32,7 @@ GGUF_SUFFIX = ".gguf"
 DTYPES = ("float32", "bfloat16", "float16")
 Dtype = Literal["float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
-GGUF_INSTALL = "pip install 'albor[gguf]' (or: pip install gguf llama-cpp-python)"
+GGUF_INSTALL = "pip install gguf llama-cpp-python (both are albor dependencies)"
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ Q4_0) is stored as F16 instead, and the report lists it.
 The checkpoint may be an albor pretrain output or any transformers Llama / Qwen2 directory with
 `config.json`, safetensors weights (single or sharded) and a byte-level BPE `tokenizer.json`.
 `tensor_plan`, `check_tokenizer` and `estimate_bytes` are pure, for `plan`; only the writers need
-the optional `gguf` package (`pip install 'albor[gguf]'`).
+the `gguf` package.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import numpy as np
 from albor.errors import ArtifactError, ConfigError
 from albor.model.config import ModelConfig
 
-GGUF_INSTALL = "pip install 'albor[gguf]' (or: pip install gguf llama-cpp-python)"
+GGUF_INSTALL = "pip install gguf llama-cpp-python (both are albor dependencies)"
 
 WRITTEN_TYPES = ("f32", "f16", "q8_0", "q4_0")
 """Types the `gguf` package writes directly."""
