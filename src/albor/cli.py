@@ -97,8 +97,22 @@ def resolve_stage_config(
     return module, node.config, name, PlanContext(pending=pending)
 
 
+# Flags a stage's plan and apply take besides the common ones: flag -> (the --set it stands
+# for, help).
+STAGE_FLAGS: dict[str, dict[str, tuple[str, str]]] = {
+    "evaluate": {
+        "--generation-only": (
+            "generation_only=true",
+            "Generate the completions of every humaneval and custom task and stop; score them "
+            "later with `albor eval execute FILE`.",
+        )
+    },
+}
+
+
 def stage_group(kind: str) -> click.Group:
     target = ALIASES.get(kind, kind)
+    flags = STAGE_FLAGS.get(target, {})
     help_text = DESCRIPTIONS[target] + (f" (alias of `{target}`)" if target != kind else "")
 
     @click.group(name=kind, help=help_text, short_help=help_text)
@@ -117,9 +131,16 @@ def stage_group(kind: str) -> click.Group:
     ]
 
     def decorate(f: Any) -> Any:
+        for flag, (_, help_text) in flags.items():
+            f = click.option(flag, is_flag=True, help=help_text)(f)
         for opt in reversed(common):
             f = opt(f)
         return config_arg(f)
+
+    def with_flags(overrides: tuple[str, ...], given: dict[str, bool]) -> tuple[str, ...]:
+        """`overrides` plus the --set of every stage flag given."""
+        chosen = [flags[f][0] for f in flags if given.get(f.lstrip("-").replace("-", "_"))]
+        return (*overrides, *chosen)
 
     epilog = (
         "CONFIG is a YAML file of this stage's keys, a pipeline manifest (the stage of this "
@@ -131,11 +152,16 @@ def stage_group(kind: str) -> click.Group:
     @group.command(name="plan", epilog=epilog)
     @decorate
     def plan_cmd(
-        config: str, overrides: tuple[str, ...], stage_name: str | None, as_json: bool
+        config: str,
+        overrides: tuple[str, ...],
+        stage_name: str | None,
+        as_json: bool,
+        **given: bool,
     ) -> None:
         """Validate CONFIG and estimate what apply would do; writes nothing.
 
         Exit 0 when the plan is valid, 1 when a check fails, 2 on a config error."""
+        overrides = with_flags(overrides, given)
         module, cfg, name, ctx = resolve_stage_config(target, config, overrides, stage_name)
         plan: Plan = module.plan(cfg, ctx)
         if as_json:
@@ -151,11 +177,17 @@ def stage_group(kind: str) -> click.Group:
     @decorate
     @click.option("--force", is_flag=True, help="Run even when the output is up to date.")
     def apply_cmd(
-        config: str, overrides: tuple[str, ...], stage_name: str | None, as_json: bool, force: bool
+        config: str,
+        overrides: tuple[str, ...],
+        stage_name: str | None,
+        as_json: bool,
+        force: bool,
+        **given: bool,
     ) -> None:
         """Run the stage: check its plan, do the work, write its artifact atomically.
 
         Does nothing and says "up to date" when the config and inputs are unchanged."""
+        overrides = with_flags(overrides, given)
         module, cfg, name, _ = resolve_stage_config(target, config, overrides, stage_name)
         if as_json:
             progress.quiet()

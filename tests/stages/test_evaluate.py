@@ -295,30 +295,25 @@ def test_generation_only_then_execute(
     trained_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "gen"
-    cfg = evaluate.Config.model_validate(
-        {
-            "model": trained_model,
-            "output": out,
-            "tasks": [
-                {
-                    "task": "humaneval",
-                    "limit": 2,
-                    "n": 2,
-                    "temperature": 0.8,
-                    "k": [1, 2],
-                    "generation_only": True,
-                    "max_new_tokens": 8,
-                },
-            ],
-        }
+    task = {"task": "humaneval", "limit": 2, "n": 2, "temperature": 0.8, "k": [1, 2]}
+    config = tmp_path / "eval.yaml"
+    body = {"model": str(trained_model), "output": str(out), "tasks": [task]}
+    config.write_text(json.dumps({**body, "tasks": [{**task, "max_new_tokens": 8}]}))
+    code, _, stderr = run(["evaluate", "apply", str(config), "--generation-only"], capsys)
+    assert code == 0, stderr
+    res = json.loads((out / "manifest.json").read_text())
+    assert res["config"]["tasks"][0]["generation_only"] is True
+    code, _, stderr = run(
+        ["evaluate", "plan", str(config), "--generation-only", "--set", "tasks.0.task=custom"],
+        capsys,
     )
-    res = run_stage(load_stage("evaluate"), cfg)
+    assert code == 2 and "path" in stderr  # a custom task needs its JSONL file
     assert sorted(p.name for p in out.iterdir()) == [
         "humaneval.completions.jsonl",
         "manifest.json",
         "metrics.json",
     ]
-    assert res.manifest["metrics"]["humaneval"]["generation_only"] is True
+    assert res["metrics"]["humaneval"]["generation_only"] is True
     completions = out / "humaneval.completions.jsonl"
     lines = [json.loads(line) for line in completions.read_text().splitlines()]
     assert [len(line["completions"]) for line in lines] == [2, 2]

@@ -174,6 +174,27 @@ class Config(OutputConfig):
     workers: Int | None = Field(
         None, gt=0, description="Sandboxed runs at a time; default: the number of cores."
     )
+    generation_only: bool = Field(
+        False,
+        description="Every humaneval and custom task writes its completions and stops (score "
+        "them later with `albor eval execute FILE`); `--generation-only` on the command line.",
+    )
+
+    @model_validator(mode="after")
+    def _generation_only(self) -> Config:
+        if self.generation_only:
+            code = [t for t in self.tasks or [] if isinstance(t, HumanEvalTask | CustomTask)]
+            if not code:
+                raise ValueError(
+                    "generation_only: no humaneval or custom task to generate for: add one "
+                    "to `tasks` or drop generation_only"
+                )
+            tasks = [
+                t.model_copy(update={"generation_only": True}) if t in code else t
+                for t in self.tasks or []
+            ]
+            object.__setattr__(self, "tasks", tasks)  # assignment would validate again, forever
+        return self
 
     @model_validator(mode="after")
     def _distinct_names(self) -> Config:
