@@ -163,3 +163,18 @@ def test_greedy_batches_give_the_completions_of_one_prompt_at_a_time(
     alone = list(gen.complete_many(items, one))
     assert alone == [gen.complete(t, p, one) for t, p in items]
     assert list(gen.complete_many(items, batched)) == alone
+
+
+def test_greedy_infill_batches_give_the_middles_of_one_prompt_at_a_time(
+    trained_model: Path, problems: list[he.CodeProblem]
+) -> None:
+    from albor.evals.infill import build_tasks
+
+    gen = he.Generator(trained_model)
+    tasks = build_tasks(problems[:3], "single-line", 3)
+    items = [(t.task_id, t.prefix, t.suffix, m) for m in ("psm", "spm") for t in tasks]
+    one = he.SamplingConfig(max_new_tokens=12, batch_size=1)
+    alone = list(gen.infill_many(items, one))
+    assert alone == [gen.infill(*item, one) for item in items]
+    batched = list(gen.infill_many(items, he.SamplingConfig(max_new_tokens=12, batch_size=4)))
+    assert batched == alone and gen.truncated > 0  # long prompts were cut to the context

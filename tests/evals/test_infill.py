@@ -41,14 +41,14 @@ def test_truth_passes_and_wrong_middles_fail(problems: list[CodeProblem]) -> Non
         problems, "multi-line", 20
     )
     box = Sandbox(SandboxConfig(timeout_s=10.0))
-    truth = infill.evaluate(tasks, ["psm"], lambda t, mode: [t.middle], box)
+    truth = infill.evaluate(tasks, ["psm"], lambda jobs: ([t.middle] for t, _ in jobs), box)
     for kind in ("single-line", "multi-line"):
         m = truth.metrics[kind]["psm"]
         assert m["pass_rate"] == 1.0 and m["exact_match"] == 1.0, (kind, m)
     assert truth.metrics["single-line"]["psm"]["tasks"] == 40
     # A middle that raises fails every task (an empty one may not: a comment line can be masked).
     wrong = infill.evaluate(
-        tasks, ["psm", "spm"], lambda t, mode: ["    raise RuntimeError('x')\n"], box
+        tasks, ["psm", "spm"], lambda jobs: (["    raise RuntimeError('x')\n"] for _ in jobs), box
     )
     for kind in ("single-line", "multi-line"):
         for mode in ("psm", "spm"):
@@ -60,6 +60,8 @@ def test_truth_passes_and_wrong_middles_fail(problems: list[CodeProblem]) -> Non
 def test_exact_match_is_stripped_and_needs_no_sandbox(problems: list[CodeProblem]) -> None:
     tasks = infill.build_tasks(problems, "single-line", 5)
     assert infill.exact_match("  return x  \n", "    return x\n")
-    report = infill.evaluate(tasks, ["spm"], lambda t, mode: [t.middle.strip(), "x"], None)
+    report = infill.evaluate(
+        tasks, ["spm"], lambda jobs: ([t.middle.strip(), "x"] for t, _ in jobs), None
+    )
     m = report.metrics["single-line"]["spm"]
     assert m == {"tasks": 5, "samples": 10, "exact_match": 0.5}

@@ -238,15 +238,7 @@ class Generator:
         from albor.data.fim import prompt_ids
         from albor.infer.engine import generate
 
-        # The prefix keeps its end and the suffix its start, the code nearest the hole; the
-        # prefix gets the room the suffix leaves, at least half of it.
-        budget = self.context - s.max_new_tokens - 4  # EOS + the three sentinels
-        before = self.truncated
-        suffix_len = len(self.plain.encode(suffix, add_special_tokens=False).ids)
-        prefix = self._fit(prefix, max(budget // 2, budget - suffix_len), "end")
-        prefix_len = len(self.plain.encode(prefix, add_special_tokens=False).ids)
-        suffix = self._fit(suffix, budget - prefix_len, "start")
-        self.truncated = before + (self.truncated > before)
+        prefix, suffix = self._fit_fim(prefix, suffix, s)
         ids = [EOS_ID, *prompt_ids(self.plain, prefix, suffix, mode)]
         # albor's tokenizers hold the special tokens at ids 0..4 (checked when loaded).
         stops = list(range(len(SPECIAL_TOKENS)))
@@ -266,6 +258,38 @@ class Generator:
             )
             out.append(self.tokenizer.decode(new, skip_special_tokens=False))
         return out
+
+    def _fit_fim(self, prefix: str, suffix: str, s: SamplingConfig) -> tuple[str, str]:
+        """The prefix keeps its end and the suffix its start, the code nearest the hole; the
+        prefix gets the room the suffix leaves, at least half of it."""
+        budget = self.context - s.max_new_tokens - 4  # EOS + the three sentinels
+        before = self.truncated
+        suffix_len = len(self.plain.encode(suffix, add_special_tokens=False).ids)
+        prefix = self._fit(prefix, max(budget // 2, budget - suffix_len), "end")
+        prefix_len = len(self.plain.encode(prefix, add_special_tokens=False).ids)
+        suffix = self._fit(suffix, budget - prefix_len, "start")
+        self.truncated = before + (self.truncated > before)
+        return prefix, suffix
+
+    def infill_many(
+        self, items: Sequence[tuple[str, str, str, Literal["psm", "spm"]]], s: SamplingConfig
+    ) -> Iterator[list[str]]:
+        """`infill` for many (task_id, prefix, suffix, mode), in order; greedy ones batched as
+        in `complete_many`."""
+        if s.temperature > 0 or s.batch_size == 1:
+            for task_id, prefix, suffix, mode in items:
+                yield self.infill(task_id, prefix, suffix, mode, s)
+            return
+        from albor.infer.engine import TorchBackend, completions, make_prompt
+
+        backend = TorchBackend(self.model, self.tokenizer)
+        for start in range(0, len(items), s.batch_size):
+            prompts = []
+            for _, prefix, suffix, mode in items[start : start + s.batch_size]:
+                prefix, suffix = self._fit_fim(prefix, suffix, s)
+                prompts.append(make_prompt(backend, prefix, suffix, fim_mode=mode))
+            for c in completions(backend, prompts, max_new_tokens=s.max_new_tokens):
+                yield [c.text]
 
     def complete_many(
         self,

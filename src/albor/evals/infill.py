@@ -17,7 +17,7 @@ spread evenly over the whole list so that every part of the benchmark is represe
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -124,15 +124,16 @@ class InfillReport:
 def evaluate(
     tasks: Sequence[InfillTask],
     modes: Sequence[FimMode],
-    infill: Callable[[InfillTask, FimMode], list[str]],
+    infill: Callable[[Sequence[tuple[InfillTask, FimMode]]], Iterable[list[str]]],
     sandbox: Sandbox | None,
 ) -> InfillReport:
     """Generate middles for every task in every mode, then score them (tests and exact match).
 
-    Without a sandbox only exact match is scored.
+    `infill` maps the (task, mode) jobs to their middles, in order (so a generator can batch
+    them). Without a sandbox only exact match is scored.
     """
     jobs = [(t, m) for m in modes for t in tasks]
-    middles = [infill(t, m) for t, m in progress.track(jobs, "infilling")]
+    middles = list(progress.track(infill(jobs), "infilling", total=len(jobs)))
     programs = [t.program(mid) for (t, _), ms in zip(jobs, middles, strict=True) for mid in ms]
     results = iter(sandbox.run_many(programs, "executing infills") if sandbox else [])
     rows: list[dict[str, Any]] = []

@@ -614,7 +614,9 @@ def _infill(cfg: Config, t: InfillTask, models: _Models, path: Path) -> tuple[di
     report = evaluate(
         tasks,
         t.modes,
-        lambda task, mode: gen.infill(task.task_id, task.prefix, task.suffix, mode, t),
+        lambda jobs: gen.infill_many(
+            [(task.task_id, task.prefix, task.suffix, mode) for task, mode in jobs], t
+        ),
         Sandbox(t.sandbox, cfg.workers) if t.run_tests else None,
     )
     report.write(path)
