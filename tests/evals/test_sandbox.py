@@ -26,11 +26,25 @@ def src(code: str) -> str:
     return textwrap.dedent(code)
 
 
+def _namespaces_work() -> bool:
+    """Whether this machine lets us make new network, PID and mount namespaces (as the sandbox
+    asks for them), tried independently of the sandbox's own probe."""
+    import shutil
+    import subprocess
+
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return False
+    cmd = [unshare, "--net", "--pid", "--mount", "--fork", "true"]
+    works = subprocess.run(cmd, capture_output=True, check=False).returncode == 0
+    return works and shutil.which("setpriv") is not None
+
+
 def test_isolation_is_detected_once_and_reported() -> None:
     assert isolation() is ISO
     assert ISO.mode in sb.MODES
-    if os.geteuid() == 0:
-        # This machine runs the tests as root with namespaces: the strongest mode must be in use.
+    if os.geteuid() == 0 and _namespaces_work():
+        # Root where namespaces can be made: the strongest mode must be in use.
         assert ISO.mode == "namespaces" and ISO.network and ISO.dedicated_uid, ISO
     r = box().run("pass\n")
     assert r.passed and r.status == "passed" and r.network_isolated == ISO.network
