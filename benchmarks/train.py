@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import tempfile
@@ -92,7 +93,8 @@ def albor_loop(
         eval_every=10**9,
         checkpoint_every=10**9,
         keep_checkpoints=1,
-        log_every=1,
+        # Log lines at the end of the warmup and of the run, as few as that allows.
+        log_every=math.gcd(warmup, steps),
         precision=precision,
         compile=compile,
     )
@@ -150,7 +152,7 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--preset", default=None, help="model preset (default: demo; 350m on cuda)")
     ap.add_argument("--steps", type=int, default=20, help="timed steps")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    ap.add_argument("--warmup", type=int, default=4, help="untimed steps first")
     ap.add_argument("--micro-batch", type=int, default=None, help="default: 16; 8 on cuda")
     ap.add_argument("--seq-len", type=int, default=None, help="default: 256; 2048 on cuda")
     ap.add_argument("--repeats", type=int, default=2, help="alternating timed runs of each loop")
