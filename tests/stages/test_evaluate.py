@@ -15,23 +15,8 @@ from albor.data.bpe import load_tokenizer, token_byte_lengths
 from albor.data.shards import open_split
 from albor.model.hf import load_pretrained
 from albor.stage import PlanContext, load_stage, run_stage
-from albor.stages import evaluate, pretrain
+from albor.stages import evaluate
 from helpers import STDLIB, run
-
-
-def trained(token_data: Path, out: Path) -> Path:
-    cfg = pretrain.Config(
-        data=token_data,
-        output=out,
-        model="tiny",
-        micro_batch=8,
-        max_steps=150,
-        warmup_steps=10,
-        lr=1e-2,
-        seq_len=64,
-        eval_tokens=0,
-    )
-    return run_stage(load_stage("pretrain"), cfg).output
 
 
 def test_plan(token_data: Path, tmp_path: Path) -> None:
@@ -45,9 +30,9 @@ def test_plan(token_data: Path, tmp_path: Path) -> None:
 
 
 def test_scores_match_a_direct_computation_and_beat_unigram(
-    token_data: Path, tmp_path: Path
+    token_data: Path, trained_model: Path, tmp_path: Path
 ) -> None:
-    model_dir = trained(token_data, tmp_path / "model")
+    model_dir = trained_model  # trained on token_data
     cfg = evaluate.Config(
         model=model_dir,
         data=token_data,
