@@ -19,10 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -33,6 +33,7 @@ from albor.errors import ConfigError, DataError
 from albor.evals import benchmarks as bench
 from albor.evals.sandbox import SampleResult, Sandbox
 
+T = TypeVar("T")
 STOP_STRINGS = ("\ndef", "\nclass", "\nif", "\nprint", "\n#")
 COMPLETIONS_SUFFIX = ".completions.jsonl"
 RESULTS_SUFFIX = ".results.jsonl"
@@ -280,16 +281,14 @@ class Generator:
             for task_id, prefix, suffix, mode in items:
                 yield self.infill(task_id, prefix, suffix, mode, s)
             return
-        from albor.infer.engine import TorchBackend, completions, make_prompt
+        from albor.infer.engine import make_prompt
 
-        backend = TorchBackend(self.model, self.tokenizer)
-        for start in range(0, len(items), s.batch_size):
-            prompts = []
-            for _, prefix, suffix, mode in items[start : start + s.batch_size]:
-                prefix, suffix = self._fit_fim(prefix, suffix, s)
-                prompts.append(make_prompt(backend, prefix, suffix, fim_mode=mode))
-            for c in completions(backend, prompts, max_new_tokens=s.max_new_tokens):
-                yield [c.text]
+        def build(backend: Any, item: tuple[str, str, str, Literal["psm", "spm"]]) -> Any:
+            _, prefix, suffix, mode = item
+            fitted_prefix, fitted_suffix = self._fit_fim(prefix, suffix, s)
+            return make_prompt(backend, fitted_prefix, fitted_suffix, fim_mode=mode)
+
+        yield from self._greedy_batches(items, build, s)
 
     def complete_many(
         self,
@@ -304,13 +303,29 @@ class Generator:
             for task_id, prompt in items:
                 yield self.complete(task_id, prompt, s, stop)
             return
-        from albor.infer.engine import TorchBackend, completions, make_prompt
+        from albor.infer.engine import make_prompt
+
+        budget = self.context - s.max_new_tokens - 2  # as in `complete`
+
+        def build(backend: Any, item: tuple[str, str]) -> Any:
+            return make_prompt(backend, self._fit(item[1], budget, "end"))
+
+        yield from self._greedy_batches(items, build, s, stop)
+
+    def _greedy_batches(
+        self,
+        items: Sequence[T],
+        prompt: Callable[[Any, T], Any],
+        s: SamplingConfig,
+        stop: Sequence[str] = (),
+    ) -> Iterator[list[str]]:
+        """Greedy completions of `items`, `s.batch_size` of them to one engine batch, in order;
+        `prompt(backend, item)` builds an item's prompt."""
+        from albor.infer.engine import TorchBackend, completions
 
         backend = TorchBackend(self.model, self.tokenizer)
-        budget = self.context - s.max_new_tokens - 2  # as in `complete`
         for start in range(0, len(items), s.batch_size):
-            chunk = items[start : start + s.batch_size]
-            prompts = [make_prompt(backend, self._fit(p, budget, "end")) for _, p in chunk]
+            prompts = [prompt(backend, item) for item in items[start : start + s.batch_size]]
             for c in completions(backend, prompts, max_new_tokens=s.max_new_tokens, stop=stop):
                 yield [c.text]
 
