@@ -20,12 +20,15 @@ class Config(OutputConfig):
     input: Path | None = Field(None, description="Optional upstream.")
     texts: list[str] = Field(default_factory=lambda: ["x = 1\n"], description="Documents.")
     fail: bool = Field(False, description="Fail in apply.")
+    disk_bytes: int = Field(0, ge=0, description="Disk the plan estimates.")
 
 
 def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
     p = Plan(NAME)
     p.require("texts", bool(cfg.texts), f"{len(cfg.texts)} texts", "no texts: add some")
     p.estimates["wall_time_s"] = 1.0
+    if cfg.disk_bytes:
+        p.estimates["disk_bytes"] = cfg.disk_bytes
     return p
 
 

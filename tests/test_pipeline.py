@@ -1,13 +1,21 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 import fakestage
-from albor.errors import ConfigError, DataError
-from albor.pipeline import apply_pipeline, load_pipeline, plan_pipeline, status_pipeline
+from albor.errors import ConfigError, DataError, PreflightFailed
+from albor.pipeline import (
+    apply_pipeline,
+    free_disk,
+    load_pipeline,
+    plan_pipeline,
+    status_pipeline,
+)
 from albor.stage import REGISTRY
 
 
@@ -153,3 +161,47 @@ stages:
     assert pp.ok and pp.stages[-1].reason.startswith("upstream")
     apply_pipeline(pipe)
     assert pq.read_table(tmp_path / "work" / "m" / "corpus.parquet").num_rows == 3
+
+
+def test_a_problem_in_the_last_stage_stops_the_run_before_the_first(tmp_path: Path) -> None:
+    path = write(tmp_path, CHAIN)
+    pipe = load_pipeline(path, ["c.texts=[]"])
+    with pytest.raises(PreflightFailed, match=r"nothing ran: 1 problem.*\n  - c: texts: no texts"):
+        apply_pipeline(pipe)
+    assert fakestage.RUNS == []
+    assert not (tmp_path / "work").exists()  # not even the workdir was made
+
+
+def test_the_disk_the_plans_estimate_is_checked_against_the_free_disk(tmp_path: Path) -> None:
+    path = write(tmp_path, CHAIN)
+    pp = plan_pipeline(load_pipeline(path, ["a.disk_bytes=1000"]))
+    assert pp.ok and pp.checks[0].name == "disk" and pp.checks[0].status == "ok"
+    assert "estimated by a (not yet known for b, c" in pp.checks[0].detail
+    huge = load_pipeline(path, [f"c.disk_bytes={free_disk(tmp_path) + (1 << 30)}"])
+    assert not plan_pipeline(huge).ok
+    with pytest.raises(
+        PreflightFailed, match=r"disk: .* GiB free: free some space or set --workdir"
+    ):
+        apply_pipeline(huge)
+    assert fakestage.RUNS == []
+
+
+def test_the_default_pipeline_stops_at_once_without_a_package_its_last_stage_needs(
+    tmp_path: Path,
+) -> None:
+    """A real `albor pipeline apply` in a fresh process where transformers cannot be imported:
+    the export stage's check fails before ingest starts, naming the stage, the package and the
+    fix, with no traceback and nothing written."""
+    code = (
+        "import sys; sys.modules['transformers'] = None\n"
+        "from albor.cli import main\n"
+        f"main(['pipeline', 'apply', '--workdir', {str(tmp_path / 'run')!r}])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 1, done.stderr
+    assert "nothing ran" in done.stderr and "export: transformers:" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert "→ ingest" not in done.stderr and "re-run" not in done.stderr
+    assert not (tmp_path / "run").exists()

@@ -31,5 +31,9 @@ class PlanFailed(AlborError):
         self.plan = plan
 
 
+class PreflightFailed(PlanFailed):
+    """A pipeline refused to start: a stage that would run has a failing check; nothing ran."""
+
+
 class StageFailed(AlborError):
     """A stage's apply failed; the message names the stage and the cause."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import graphlib
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,8 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from albor.artifact import atomic_write_json, read_manifest
 from albor.config import apply_overrides, read_yaml, validate
-from albor.errors import AlborError, ArtifactError, ConfigError
-from albor.plan import Plan
+from albor.errors import AlborError, ArtifactError, ConfigError, PreflightFailed
+from albor.plan import Check, Plan
 from albor.stage import (
     PlanContext,
     RunResult,
@@ -248,10 +249,20 @@ class StagePlan:
 class PipelinePlan:
     pipeline: Pipeline
     stages: list[StagePlan] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)  # of the whole run: the free disk
 
     @property
     def ok(self) -> bool:
-        return all(s.plan.ok for s in self.stages if s.run)
+        return all(s.plan.ok for s in self.stages if s.run) and all(
+            c.status != "fail" for c in self.checks
+        )
+
+    def failures(self) -> list[str]:
+        """Every failing check of a stage that will run, and of the run, as `where: what`."""
+        found = [
+            f"{s.name}: {c.name}: {c.detail}" for s in self.stages if s.run for c in s.plan.failures
+        ]
+        return found + [f"{c.name}: {c.detail}" for c in self.checks if c.status == "fail"]
 
     def totals(self) -> dict[str, float]:
         """Estimates summed over the stages that will run (keys all stages share)."""
@@ -273,8 +284,41 @@ class PipelinePlan:
             "ok": self.ok,
             "order": self.pipeline.order,
             "stages": [s.to_json() for s in self.stages],
+            "checks": [c.to_json() for c in self.checks],
             "totals": self.totals(),
         }
+
+
+# Room kept free beyond the estimates: they leave out logs, temp files and partial outputs.
+DISK_MARGIN = 0.1
+
+
+def free_disk(path: Path) -> int:
+    """Free bytes on the filesystem that holds `path` (or would, once created)."""
+    for candidate in (path, *path.resolve().parents):
+        if candidate.exists():
+            return shutil.disk_usage(candidate).free
+    return shutil.disk_usage(Path.cwd()).free
+
+
+def disk_check(pp: PipelinePlan) -> Check:
+    """The disk the stages that will run estimate, against what the workdir's filesystem has."""
+    need = pp.totals().get("disk_bytes", 0.0)
+    free = free_disk(pp.pipeline.workdir)
+    estimated = [s.name for s in pp.stages if s.run and "disk_bytes" in s.plan.estimates]
+    unknown = [s.name for s in pp.stages if s.run and "disk_bytes" not in s.plan.estimates]
+    gib = 1 << 30
+    known = f"{need / gib:.2f} GiB estimated by {', '.join(estimated) or 'no stage'}"
+    if unknown:
+        known += f" (not yet known for {', '.join(unknown)}: their inputs do not exist yet)"
+    if need * (1 + DISK_MARGIN) > free:
+        return Check(
+            "disk",
+            "fail",
+            f"{known}, but {pp.pipeline.workdir} has {free / gib:.2f} GiB free: free some space "
+            "or set --workdir on a larger disk",
+        )
+    return Check("disk", "ok", f"{known}; {free / gib:.1f} GiB free")
 
 
 def _selection(
@@ -322,7 +366,28 @@ def plan_pipeline(
         will_run[name] = run
         plan = node.module.plan(node.config, PlanContext(pending=pending))
         result.stages.append(StagePlan(name, node.kind, run, reason, plan, name in selected))
+    result.checks.append(disk_check(result))
     return result
+
+
+def preflight(
+    pipe: Pipeline, *, only: tuple[str, ...] = (), start: str | None = None, force: bool = False
+) -> PipelinePlan:
+    """Every check that needs no upstream output, for every stage that will run, before any runs.
+
+    Each stage's plan runs with its pending inputs marked, so a package, a tool, a config value or
+    the disk that the last stage lacks stops the run in its first second, not after the stages
+    before it have worked for minutes.
+    """
+    pp = plan_pipeline(pipe, only=only, start=start, force=force)
+    if not pp.ok:
+        problems = pp.failures()
+        raise PreflightFailed(
+            f"pipeline {pipe.manifest.name}: nothing ran: {len(problems)} problem(s) found "
+            "before the first stage:" + "".join(f"\n  - {p}" for p in problems),
+            pp,
+        )
+    return pp
 
 
 def read_state(workdir: Path) -> dict[str, dict[str, Any]]:
@@ -360,8 +425,10 @@ def apply_pipeline(
     force: bool = False,
     on_event: Any = None,
 ) -> list[StageEvent]:
-    """Run the selected stages in order; raise the first failure after recording it."""
+    """Check every stage that will run (`preflight`), then run the selected stages in order;
+    raise the first failure after recording it."""
     selected, forced = _selection(pipe, only, start)
+    preflight(pipe, only=only, start=start, force=force)
     pipe.workdir.mkdir(parents=True, exist_ok=True)
     events: list[StageEvent] = []
 

@@ -88,6 +88,9 @@ def pipeline_plan_view(pp: PipelinePlan, verbose: bool = False) -> RenderableTyp
         run = "[bold]yes[/]" if s.run else "no"
         table.add_row(s.name, s.kind, run, s.reason, check)
     parts: list[RenderableType] = [table]
+    for c in pp.checks:
+        colour = {"ok": "green", "warn": "yellow", "fail": "red"}[c.status]
+        parts.append(Text.from_markup(f"[{colour}]{c.name}[/]: ") + Text(c.detail))
     totals = pp.totals()
     if totals:
         parts.append(

@@ -10,7 +10,7 @@ import click
 
 from albor import progress
 from albor.cli.common import Exit, emit_json, err, out
-from albor.errors import AlborError
+from albor.errors import AlborError, PreflightFailed
 
 # ----- pipeline ------------------------------------------------------------------------------
 
@@ -116,7 +116,7 @@ def pipeline_apply_cmd(
     try:
         events = apply_pipeline(pipe, only=only, start=start, force=force, on_event=show)
     except AlborError as e:
-        if not as_json and e.exit_code != 0:
+        if not as_json and e.exit_code != 0 and not isinstance(e, PreflightFailed):
             err.print(
                 f"re-run `albor pipeline apply{' ' + manifest if manifest else ''}` to resume "
                 "at the failed stage once it is fixed"
