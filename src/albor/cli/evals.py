@@ -81,7 +81,9 @@ def eval_execute_cmd(
     scores = ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k.startswith("pass@"))
     statuses = ", ".join(f"{v} {k}" for k, v in m["statuses"].items() if v)
     out.print(f"{scores} on {m['problems']} problems, {m['samples']} samples ({statuses})")
-    out.print(f"results: {target}  (sandbox: {m['sandbox']['isolation']})", markup=False)
+    box = m["sandbox"]
+    open_ = f"; not contained: {', '.join(box['uncontained'])}" if box["uncontained"] else ""
+    out.print(f"results: {target}  (sandbox: {box['isolation']}{open_})", markup=False)
 
 
 @eval_group.command(name="compare")

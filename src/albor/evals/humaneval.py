@@ -437,6 +437,8 @@ def execute(
         "sandbox": {
             "isolation": iso.mode,
             "network_isolated": iso.network,
+            # What the sandbox left open (empty under bwrap): a score from a weaker sandbox says so.
+            "uncontained": list(iso.uncontained),
             "samples_per_s": round(len(programs) / wall, 2) if wall > 0 else None,
         },
     }

