@@ -6,6 +6,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+import transformers
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer
@@ -95,7 +96,6 @@ def test_token_byte_lengths_sum_to_text_bytes(tok: Tokenizer, probe: str) -> Non
 
 
 def test_transformers_loads_the_same_tokenizer(tok: Tokenizer, probe: str, tmp_path: Path) -> None:
-    transformers = pytest.importorskip("transformers")
     written = save_hf_files(tok, tmp_path)
     assert sorted(p.name for p in written) == sorted(TOKENIZER_FILES)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(TOKENIZER_FILES)

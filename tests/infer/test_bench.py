@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 
 from albor.errors import ConfigError
 from albor.infer.bench import BenchSettings, bench, percentile, variants
+from albor.model.gguf import write_gguf
 from helpers import run
 
 
@@ -56,17 +56,10 @@ def test_percentile() -> None:
     assert percentile(xs, 95) == pytest.approx(4.8)
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("gguf") is None,
-    reason="needs llama-cpp-python and gguf",
-)
 @pytest.mark.llamacpp
 def test_bench_cli_on_an_export_dir(
     trained_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    pytest.importorskip("albor.infer.llamacpp")
-    from albor.model.gguf import write_gguf
-
     export = tmp_path / "export"
     shutil.copytree(trained_model, export / "hf", ignore=shutil.ignore_patterns("checkpoint*"))
     write_gguf(export / "hf", export / "model-q8_0.gguf", "q8_0")

@@ -21,9 +21,6 @@ from albor.model.gguf import quantize_gguf, read_tensor_types, tensor_plan, writ
 from albor.model.hf import load_config, load_pretrained
 from helpers import STDLIB, STDLIB_SAMPLE
 
-pytest.importorskip("gguf")
-pytest.importorskip("llama_cpp")
-
 pytestmark = pytest.mark.llamacpp
 
 FORMATS = ("f16", "q8_0", "q4_0", "q4_k_m")

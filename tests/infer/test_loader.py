@@ -3,13 +3,13 @@ files through llama.cpp, and the errors for everything else."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from tokenizers import Tokenizer
 
 from albor.errors import ArtifactError, ConfigError
@@ -21,6 +21,7 @@ from albor.infer.engine import (
     make_prompt,
 )
 from albor.infer.loader import GGUFBackend, find_models, load, resolve
+from albor.model.gguf import write_gguf
 from albor.model.hf import load_pretrained, save_pretrained
 
 PREFIXES = ["def add(a, b):\n    return", "import os\n", "class Queue:\n    def "]
@@ -56,7 +57,6 @@ def test_sharded_checkpoint_generates_the_same(trained_model: Path, tmp_path: Pa
 
 
 def test_transformers_saved_dir_loads(trained_model: Path, tmp_path: Path) -> None:
-    transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(trained_model)
     out = tmp_path / "hf"
     hf.save_pretrained(out, max_shard_size="100KB")  # transformers' own sharded layout
@@ -99,22 +99,13 @@ def test_what_is_not_a_model(trained_model: Path, tmp_path: Path) -> None:
     assert resolve(both / "a").kind == "torch"
 
 
-needs_gguf = pytest.mark.skipif(
-    importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("gguf") is None,
-    reason="needs llama-cpp-python and gguf",
-)
-
-
 @pytest.fixture(scope="module")
 def gguf_f32(trained_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("albor.infer.llamacpp")
-    gguf = pytest.importorskip("albor.model.gguf")
     out = tmp_path_factory.mktemp("gguf") / "model-f32.gguf"
-    gguf.write_gguf(trained_model, out, "f32")
+    write_gguf(trained_model, out, "f32")
     return out
 
 
-@needs_gguf
 @pytest.mark.llamacpp
 def test_gguf_file_completes_as_the_checkpoint(trained_model: Path, gguf_f32: Path) -> None:
     backend = load(gguf_f32, n_threads=1)
@@ -141,7 +132,6 @@ def test_gguf_file_completes_as_the_checkpoint(trained_model: Path, gguf_f32: Pa
     assert first == sample() and len(set(first)) == 3
 
 
-@needs_gguf
 @pytest.mark.llamacpp
 def test_export_dir_with_checkpoint_and_gguf(
     trained_model: Path, gguf_f32: Path, tmp_path: Path

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -31,8 +32,6 @@ from albor.model.gguf import (
 from albor.model.gpt import apply_rope, rope_cos_sin
 from albor.model.hf import load_config
 from albor.model.presets import preset
-
-gguf = pytest.importorskip("gguf")
 
 
 def _tensors(path: Path) -> dict[str, Any]:

@@ -8,15 +8,14 @@ fails (exit 1, naming the figures) when one misses:
 - hf: transformers' greedy generation equals albor's engine token for token on a few prompts,
   and AutoTokenizer gives the ids of HF tokenizers on every parity text;
 - GGUF: llama.cpp tokenizes every parity text exactly as HF tokenizers does (special tokens
-  parsed, and as plain text), and its top-1 next token agrees with albor's at every position of
-  the parity prompts: F16 on all of them, Q8_0 on at least 99%; Q4_0 and Q4_K_M are reported.
-  A position where llama.cpp picks a token whose albor logit is within `tie_margin` of albor's
-  best is a near tie that rounding may flip: it is counted (`top1_near_ties`), not failed; the
-  raw agreement is reported beside it.
+  parsed, and as plain text) and detokenizes the ids back into the text, and its top-1 next
+  token agrees with albor's at every position of the parity prompts: F16 on all of them, Q8_0 on
+  at least 99% (near ties excused); Q4_0 and Q4_K_M are reported.
 
-Parity texts are the val split of a `split` artifact (`data:`), or by default a built-in sample
-of the running Python's standard library. The figures, the size of each file on disk and its
-reduction against the fp32 safetensors go in the manifest's metrics.
+The figures and their bounds are `albor.evals.parity`'s. Parity texts are the val split of a
+`split` artifact (`data:`), or by default a built-in sample of the running Python's standard
+library. The figures, the size of each file on disk and its reduction against the fp32
+safetensors go in the manifest's metrics.
 """
 
 from __future__ import annotations
@@ -24,19 +23,16 @@ from __future__ import annotations
 import importlib.util
 import shutil
 import sys
-import sysconfig
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 from pydantic import Field, field_validator
 
 from albor.config import Int
 from albor.errors import ArtifactError, StageFailed
+from albor.evals.parity import REQUIRED_TOP1, STDLIB_SAMPLE
 from albor.model.gguf import (
-    GGUF_INSTALL,
     LLAMACPP_TYPES,
     check_tokenizer,
     estimate_bytes,
@@ -60,23 +56,6 @@ INPUTS = ("model", "data")
 
 Format = Literal["hf", "f16", "q8_0", "q4_0", "q4_k_m"]
 FORMATS: tuple[Format, ...] = ("hf", "f16", "q8_0", "q4_0", "q4_k_m")
-REQUIRED_TOP1 = {"f16": 1.0, "q8_0": 0.99}
-"""Least top-1 agreement with albor's model per GGUF type; the others are reported only."""
-HF_PROMPTS = 4
-HF_NEW_TOKENS = 24
-STDLIB_SAMPLE = (
-    "textwrap.py",
-    "heapq.py",
-    "bisect.py",
-    "fnmatch.py",
-    "shlex.py",
-    "string.py",
-    "colorsys.py",
-    "graphlib.py",
-    "numbers.py",
-    "reprlib.py",
-)
-"""Parity texts when no split artifact is given: small, varied modules of the stdlib."""
 
 
 class Config(OutputConfig):
@@ -165,6 +144,14 @@ def _missing(module: str) -> bool:
         return sys.modules.get(module) is None
 
 
+def _reinstall(package: str) -> str:
+    # A required package that is missing is a broken install, not a choice: no extra to name.
+    return (
+        f"{package} is not installed, though albor depends on it: the install is broken; "
+        f"reinstall albor (pip install albor) or pip install {package}"
+    )
+
+
 def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
     ctx = ctx or PlanContext()
     p = Plan(NAME)
@@ -220,20 +207,20 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
             "gguf",
             not _missing("gguf"),
             "gguf package available",
-            f"writing GGUF needs the gguf package: {GGUF_INSTALL}",
+            f"writing GGUF needs the gguf package. {_reinstall('gguf')}",
         )
         p.require(
             "llama_cpp",
             not _missing("llama_cpp"),
             "llama-cpp-python available (Q4_K_M quantizer, GGUF parity)",
-            "the GGUF parity check (and Q4_K_M) needs llama.cpp: pip install llama-cpp-python",
+            "the GGUF parity check (and Q4_K_M) needs llama.cpp. " + _reinstall("llama-cpp-python"),
         )
     if "hf" in cfg.formats:
         p.require(
             "transformers",
             not _missing("transformers"),
             "transformers available (HF parity)",
-            "the HF parity check needs transformers: pip install 'albor[hf]'",
+            f"the HF parity check needs transformers. {_reinstall('transformers')}",
         )
     sizes = [v for k, v in p.estimates.items() if k.startswith("bytes_")]
     if sizes:
@@ -245,105 +232,16 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
     for fmt in ggufs:
         how = "from model-f16 with llama.cpp's quantizer" if fmt in LLAMACPP_TYPES else "(gguf)"
         p.actions.append(f"write model-{fmt}.gguf {how}")
+    bounds = ", ".join(f"{fmt}: >= {need:.0%}" for fmt, need in REQUIRED_TOP1.items())
     p.actions.append(
         "check parity: tokenization of every parity text, top-1 tokens on the parity prompts "
-        "(f16: all, q8_0: >= 99%), transformers generation == albor's"
+        f"({bounds}), transformers generation == albor's"
     )
     return p
 
 
 # ---------------------------------------------------------------------------------------------
 # apply
-
-
-def parity_texts(cfg: Config) -> tuple[list[str], str]:
-    """The texts tokenization parity runs on, and where they came from."""
-    if cfg.data is not None:
-        from albor.data.corpus import iter_texts
-
-        texts: list[str] = []
-        for text in iter_texts(cfg.data / "val.parquet"):
-            texts.append(text)
-            if cfg.parity_texts is not None and len(texts) >= cfg.parity_texts:
-                break
-        if not texts:
-            raise ArtifactError(f"{cfg.data}: the val split is empty: no parity texts")
-        return texts, f"val split of {cfg.data}"
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    texts = [
-        (stdlib / name).read_text(encoding="utf-8")
-        for name in STDLIB_SAMPLE
-        if (stdlib / name).is_file()
-    ]
-    if cfg.parity_texts is not None:
-        texts = texts[: cfg.parity_texts]
-    if not texts:
-        raise ArtifactError(
-            f"none of the stdlib sample modules exists under {stdlib}: set `data:` to a split "
-            "artifact for the parity texts"
-        )
-    return texts, "stdlib sample"
-
-
-def parity_windows(
-    tokenizer: Tokenizer, texts: Sequence[str], count: int, length: int, eos: int | None
-) -> list[list[int]]:
-    """`count` windows of `length` tokens spread evenly over the token stream of `texts`, each
-    document after an EOS as in training (fewer when the stream is short)."""
-    from albor.data.bpe import plain_text
-
-    encoder = plain_text(tokenizer)
-    stream: list[int] = []
-    for text in texts:
-        if eos is not None:
-            stream.append(eos)
-        stream.extend(encoder.encode(text, add_special_tokens=False).ids)
-    if len(stream) <= length:
-        return [stream] if stream else []
-    starts = sorted({int(s) for s in np.linspace(0, len(stream) - length, count)})
-    return [stream[s : s + length] for s in starts]
-
-
-def albor_logits(model: GPT, windows: Sequence[Sequence[int]], batch: int = 8) -> np.ndarray:
-    """albor's logits (windows, length, vocab) in fp32."""
-    import torch
-
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(windows), batch):
-            idx = torch.tensor(list(windows[i : i + batch]), dtype=torch.long)
-            out.append(model(idx).float().numpy())
-    return np.concatenate(out)
-
-
-@dataclass
-class TokenParity:
-    texts: int = 0
-    tokens: int = 0
-    mismatched: int = 0
-    first: str = ""
-
-    def add(self, index: int, want: Sequence[int], got: Sequence[int]) -> None:
-        self.texts += 1
-        self.tokens += len(want)
-        if list(want) != list(got):
-            self.mismatched += 1
-            if not self.first:
-                at = next(
-                    (i for i, (a, b) in enumerate(zip(want, got, strict=False)) if a != b),
-                    min(len(want), len(got)),
-                )
-                self.first = f"text {index} differs at token {at}"
-
-    def to_json(self) -> dict[str, Any]:
-        d: dict[str, Any] = {
-            "texts": self.texts,
-            "tokens": self.tokens,
-            "mismatched_texts": self.mismatched,
-        }
-        if self.first:
-            d["first_mismatch"] = self.first
-        return d
 
 
 def _write_hf(model: GPT, mc: ModelConfig, src: Path, out: Path, tokenizer: Tokenizer) -> int:
@@ -376,133 +274,6 @@ def _write_hf(model: GPT, mc: ModelConfig, src: Path, out: Path, tokenizer: Toke
     return int(eos)
 
 
-def _hf_parity(
-    out: Path,
-    model: GPT,
-    tokenizer: Tokenizer,
-    texts: Sequence[str],
-    windows: Sequence[Sequence[int]],
-    eos: int,
-) -> dict[str, Any]:
-    """transformers loads hf/ and matches albor: tokenizer ids and greedy generations."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    from albor.infer.engine import generate
-    from albor.progress import track
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # no advice about generation flags in our output
-    hf_logging.disable_progress_bar()  # nor its loading bar: stdout may be --json
-    try:
-        theirs = AutoModelForCausalLM.from_pretrained(out).eval()
-        auto_tok = AutoTokenizer.from_pretrained(out)
-        tok = TokenParity()
-        for i, text in enumerate(track(texts, "hf tokenizer parity")):
-            want = tokenizer.encode(text, add_special_tokens=False).ids
-            tok.add(i, want, auto_tok(text, add_special_tokens=False)["input_ids"])
-        new = min(HF_NEW_TOKENS, max(1, model.cfg.max_seq_len // 2))
-        prompts = [
-            list(w[: max(1, min(len(w), model.cfg.max_seq_len - new) // 2)]) for w in windows
-        ]
-        prompts = prompts[:HF_PROMPTS]
-        matching, tokens = 0, 0
-        examples: list[dict[str, Any]] = []
-        for prompt in track(prompts, "hf generation parity"):
-            ours = list(generate(model, prompt, max_new_tokens=new, stop_token_ids=(eos,)))
-            with torch.inference_mode():
-                ids = theirs.generate(
-                    torch.tensor([prompt]),
-                    attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                    do_sample=False,
-                    max_new_tokens=new,
-                    eos_token_id=eos,
-                    pad_token_id=eos,
-                )
-            got = ids[0, len(prompt) :].tolist()
-            if got and got[-1] == eos:
-                got = got[:-1]  # transformers keeps the EOS it stopped at; albor does not
-            tokens += len(ours)
-            matching += got == ours
-            if got != ours and not examples:
-                examples.append({"prompt": len(prompt), "albor": ours, "transformers": got})
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-    result: dict[str, Any] = {
-        "tokenizer": tok.to_json(),
-        "generate": {"prompts": len(prompts), "tokens": tokens, "matching_prompts": matching},
-    }
-    if examples:
-        result["generate"]["first_mismatch"] = examples[0]
-    return result
-
-
-def _gguf_parity(
-    path: Path,
-    fmt: str,
-    tokenizer: Tokenizer,
-    texts: Sequence[str],
-    windows: Sequence[Sequence[int]],
-    ours: np.ndarray,
-    threads: int | None,
-    check_text: bool,
-    tie_margin: float,
-) -> dict[str, Any]:
-    """llama.cpp on one GGUF file against HF tokenizers and albor's logits."""
-    from albor.data.bpe import plain_text
-    from albor.infer.llamacpp import LlamaCppModel
-    from albor.progress import track
-
-    plain = plain_text(tokenizer)
-    length = max(len(w) for w in windows)
-    result: dict[str, Any] = {}
-    with LlamaCppModel(path, n_ctx=length, n_threads=threads, logits_all=True) as lm:
-        special, as_text = TokenParity(), TokenParity()
-        roundtrip = 0
-        for i, text in enumerate(track(texts, f"{fmt} tokenizer parity")):
-            want = tokenizer.encode(text, add_special_tokens=False).ids
-            special.add(i, want, lm.tokenize(text, special=True))
-            as_text.add(
-                i,
-                plain.encode(text, add_special_tokens=False).ids,
-                lm.tokenize(text, special=False),
-            )
-            if check_text:
-                roundtrip += lm.detokenize(want) != text
-        result["tokenization"] = special.to_json()
-        result["tokenization_plain_text"] = as_text.to_json()
-        if check_text:
-            result["tokenization"]["detokenize_mismatched_texts"] = roundtrip
-        agree, tied, positions, last_agree = 0, 0, 0, 0
-        max_diff = 0.0
-        for i, window in enumerate(track(windows, f"{fmt} top-1 parity")):
-            theirs = lm.logits(window)
-            mine = ours[i, : len(window)]
-            picked = theirs.argmax(-1)
-            same = picked == mine.argmax(-1)
-            # llama.cpp's pick is within tie_margin of albor's best: a tie rounding can flip.
-            near = mine[np.arange(len(window)), picked] >= mine.max(-1) - tie_margin
-            agree += int(same.sum())
-            tied += int((near & ~same).sum())
-            last_agree += int(same[-1])
-            positions += len(window)
-            max_diff = max(max_diff, float(np.abs(theirs - mine).max()))
-    result.update(
-        {
-            "top1_agreement": round(agree / positions, 6),
-            "top1_agreement_tie_aware": round((agree + tied) / positions, 6),
-            "top1_near_ties": tied,
-            "top1_positions": positions,
-            "top1_last_token_agreement": f"{last_agree}/{len(windows)}",
-            "max_abs_logit_diff": round(max_diff, 6),
-        }
-    )
-    return result
-
-
 def apply(cfg: Config, ctx: ApplyContext) -> Outcome:
     import torch
 
@@ -519,6 +290,7 @@ def _export(cfg: Config, ctx: ApplyContext) -> Outcome:
     from tokenizers import Tokenizer
 
     from albor.data.bpe import EOS
+    from albor.evals import parity
     from albor.model.gguf import quantize_gguf, write_gguf
     from albor.model.hf import load_pretrained
 
@@ -528,8 +300,8 @@ def _export(cfg: Config, ctx: ApplyContext) -> Outcome:
     model, mc = load_pretrained(src)
     tokenizer = Tokenizer.from_file(str(src / "tokenizer.json"))
     eos = tokenizer.token_to_id(EOS)
-    texts, source = parity_texts(cfg)
-    windows = parity_windows(tokenizer, texts, cfg.parity_prompts, cfg.prompt_tokens, eos)
+    texts, source = parity.parity_texts(cfg.data, cfg.parity_texts)
+    windows = parity.parity_windows(tokenizer, texts, cfg.parity_prompts, cfg.prompt_tokens, eos)
     if not windows:
         raise ArtifactError(f"the parity texts ({source}) are empty: no prompts to compare")
     # The baseline of the size reductions: albor's checkpoints are fp32 safetensors; hf/ (fp32,
@@ -568,65 +340,34 @@ def _export(cfg: Config, ctx: ApplyContext) -> Outcome:
 
     failures: list[str] = []
     if "hf" in cfg.formats:
-        hf = _hf_parity(ctx.out / "hf", model, tokenizer, texts, windows, hf_eos)
+        hf = parity.hf_parity(ctx.out / "hf", model, tokenizer, texts, windows, hf_eos)
         metrics["hf"].update(hf)
-        gen = hf["generate"]
-        if gen["matching_prompts"] != gen["prompts"]:
-            failures.append(
-                f"hf: transformers' greedy tokens differ from albor's on "
-                f"{gen['prompts'] - gen['matching_prompts']} of {gen['prompts']} prompts"
-            )
-        if hf["tokenizer"]["mismatched_texts"]:
-            failures.append(
-                f"hf: AutoTokenizer ids differ from HF tokenizers' on "
-                f"{hf['tokenizer']['mismatched_texts']} of {hf['tokenizer']['texts']} texts"
-            )
-
+        failures.extend(parity.hf_failures(hf))
     if written:
-        ours = albor_logits(model, windows)
+        ours = parity.albor_logits(model, windows)
         metrics["gguf"] = {}
         for n, (fmt, file) in enumerate(written.items()):
             figures = file.to_json()
             figures["reduction_vs_fp32"] = round(fp32 / file.bytes, 3)
             figures.update(
-                _gguf_parity(
+                parity.gguf_parity(
                     file.path,
                     fmt,
                     tokenizer,
                     texts,
                     windows,
                     ours,
-                    cfg.threads,
-                    check_text=n == 0,
+                    threads=cfg.threads,
+                    check_text=n == 0,  # every file has the same vocabulary: one round trip tells
                     tie_margin=cfg.tie_margin,
                 )
             )
             metrics["gguf"][fmt] = figures
-            failures.extend(_gguf_failures(fmt, figures))
+            failures.extend(parity.gguf_failures(fmt, figures))
 
     if failures:
         raise StageFailed(f"{ctx.name}: parity failed: {'; '.join(failures)}")
     return Outcome(summary=_summary(cfg, metrics), metrics=metrics)
-
-
-def _gguf_failures(fmt: str, figures: dict[str, Any]) -> Iterator[str]:
-    for key, mode in (("tokenization", ""), ("tokenization_plain_text", " as plain text")):
-        tok = figures[key]
-        if tok["mismatched_texts"]:
-            yield (
-                f"{fmt}: llama.cpp tokenizes {tok['mismatched_texts']} of {tok['texts']} texts"
-                f"{mode} differently from HF tokenizers ({tok.get('first_mismatch', '')})"
-            )
-    if tok.get("detokenize_mismatched_texts"):
-        yield f"{fmt}: llama.cpp detokenizes {tok['detokenize_mismatched_texts']} texts wrongly"
-    need = REQUIRED_TOP1.get(fmt)
-    got = figures["top1_agreement_tie_aware"]
-    if need is not None and got < need:
-        yield (
-            f"{fmt}: top-1 agreement with albor {got:.2%} over {figures['top1_positions']} "
-            f"positions, near ties excused (needs {need:.0%}; max logit difference "
-            f"{figures['max_abs_logit_diff']})"
-        )
 
 
 def _summary(cfg: Config, metrics: dict[str, Any]) -> str:

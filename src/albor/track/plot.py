@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 BLOCKS = "▁▂▃▄▅▆▇█"
 PLOT_FILE = "loss.png"
 METRICS_FILE = "metrics.jsonl"
-PLOT_EXTRA = "albor[plot]"
 SMOOTH_FROM = 30  # fewer loss points than this are drawn as they are, without an EMA
 
 Point = tuple[float, float]
@@ -192,16 +191,17 @@ def write_loss_plot(run_dir: Path, path: Path | None = None) -> Path | None:
     """Draw the training loss (raw and smoothed), the validation loss and the learning rate of
     `run_dir/metrics.jsonl` into `run_dir/loss.png` (or `path`); the path, or None if skipped.
 
-    Safe to call from the training loop: a missing matplotlib is noted once in the log (install
-    `albor[plot]`) and any plotting problem is logged as a warning, never raised.
+    Safe to call from the training loop: a missing matplotlib (a broken install: albor depends on
+    it) is noted once in the log and any plotting problem is logged as a warning, never raised.
     """
     global _warned_missing
     try:
         from matplotlib.figure import Figure
     except ImportError:
         if not _warned_missing:
-            log.info(
-                "loss plot skipped: matplotlib is not installed (pip install '%s')", PLOT_EXTRA
+            log.warning(
+                "loss plot skipped: matplotlib is not installed, though albor depends on it "
+                "(pip install matplotlib)"
             )
             _warned_missing = True
         return None
