@@ -21,7 +21,8 @@ from albor.model.estimate import memory_budget
 from albor.stage import PlanContext, load_stage, run_stage
 from albor.stages import pretrain
 from albor.train import checkpoint
-from helpers import pretrain_config
+from albor.train.loop import NextToken
+from helpers import pretrain_config, run
 
 
 def tiny(data: Path, out: Path, **kw: Any) -> pretrain.Config:
@@ -189,6 +190,7 @@ def test_apply_trains_and_writes_an_hf_checkpoint(token_data: Path, straight: Pa
     m = read_manifest(out)["metrics"]
     assert m["steps"] == 100 and m["final_loss"] < m["first_loss"] - 0.5
     assert m["precision"] == "fp32" and m["resume_warnings"] == [] and m["resumed_from"] is None
+    assert m["skipped_steps"] == 0 and m["warnings"] == {}  # a learning run: nothing to report
     kept = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert {"best.json", "step-0000080", "step-0000090"} <= set(kept) and len(kept) <= 4
     best = json.loads((out / "checkpoints" / "best.json").read_text())
@@ -321,3 +323,55 @@ def test_apply_in_bf16_with_activation_checkpointing_learns(
     cfg = tiny(token_data, tmp_path / "out", precision="bf16", activation_checkpointing=True)
     m = run_stage(load_stage("pretrain"), cfg.model_copy(update={"threads": 1})).manifest["metrics"]
     assert m["precision"] == "bf16" and m["final_loss"] < m["first_loss"] - 0.5
+
+
+class NaNAt:
+    """The next-token loss, NaN at chosen steps (0-based; one micro-batch a step)."""
+
+    def __init__(self, steps: set[int]) -> None:
+        self.steps, self.calls = steps, 0
+
+    def targets(self, batch: torch.Tensor) -> int:
+        return NextToken().targets(batch)
+
+    def loss_sum(self, model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        loss = NextToken().loss_sum(model, batch)
+        self.calls += 1
+        return loss + float("nan") if self.calls - 1 in self.steps else loss
+
+
+QUICK: dict[str, Any] = dict(max_steps=12, eval_tokens=0, checkpoint_every=100, threads=1)
+
+
+def test_skipped_steps_are_counted_in_the_manifest(
+    token_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from albor.train import loop
+
+    monkeypatch.setattr(loop, "NextToken", lambda: NaNAt({2, 3, 7}))
+    cfg = tiny(token_data, tmp_path / "out", max_bad_steps=3, **QUICK)
+    run_stage(load_stage("pretrain"), cfg)
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())["metrics"]
+    assert m["steps"] == 12 and m["skipped_steps"] == 3
+    assert json.loads((tmp_path / "out" / "trainer_state.json").read_text())["skipped_steps"] == 3
+
+
+def test_max_bad_steps_is_a_described_setting(token_data: Path, tmp_path: Path) -> None:
+    field = pretrain.Config.model_fields["max_bad_steps"]
+    assert field.default == 10 and "in a row" in (field.description or "")
+    with pytest.raises(ValueError, match="max_bad_steps"):
+        tiny(token_data, tmp_path, max_bad_steps=0)
+
+
+def test_a_learning_rate_far_too_high_stops_the_cli_with_exit_1_and_the_causes(
+    token_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "pretrain.yaml"
+    same = tiny(token_data, tmp_path / "out", lr=1e5, warmup_steps=1, max_bad_steps=3, **QUICK)
+    cfg.write_text(json.dumps(same.model_dump(mode="json", exclude_none=True)))
+    code, _, err = run(["pretrain", "apply", str(cfg)], capsys)
+    assert code == 1 and "Traceback" not in err, err
+    stopped = re.search(r"training stopped at step (\d+) of 12: 3 steps in a row had a non-f", err)
+    assert stopped and int(stopped[1]) < 12, err
+    assert "last finite loss" in err and "lower lr" in err
+    assert not (tmp_path / "out").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,9 +15,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from albor.data.windows import WindowSampler
+from albor.errors import StageFailed
 from albor.model.gpt import GPT
 from albor.model.presets import preset
-from albor.train.loop import LoopSettings, NextToken, Prefetcher, _truncate_metrics, train
+from albor.train.loop import (
+    LoopResult,
+    LoopSettings,
+    NextToken,
+    Prefetcher,
+    _truncate_metrics,
+    train,
+)
 from albor.train.optim import build_adamw
 
 CPU = torch.device("cpu")
@@ -237,3 +246,128 @@ def test_compiled_bf16_on_cuda_trains_and_attention_runs_flash_kernels(tmp_path:
     losses = [r["loss"] for r in lines if "loss" in r]
     assert result.steps == 40 and result.skipped_steps == 0
     assert losses[-1] < losses[0] - 2.0
+
+
+# ----- non-finite steps and a loss that does not move -------------------------------------------
+
+Snapshot = tuple[dict[str, torch.Tensor], dict[int, dict[str, torch.Tensor]]]
+
+
+@dataclass
+class Faulty:
+    """Next-token loss that goes wrong at chosen steps (0-based; one micro-batch a step): a NaN
+    loss whose gradient stays finite, or a finite loss whose gradient is infinite. As each step
+    begins it snapshots the weights and the optimizer state."""
+
+    optimizer: torch.optim.Optimizer
+    nan_loss_at: set[int] = field(default_factory=set)
+    inf_grad_at: set[int] = field(default_factory=set)
+    snapshots: list[Snapshot] = field(default_factory=list)
+
+    def targets(self, batch: torch.Tensor) -> int:
+        return NextToken().targets(batch)
+
+    def loss_sum(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        step = len(self.snapshots)
+        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        state = {
+            i: {k: v.clone() for k, v in s.items()}
+            for i, s in self.optimizer.state_dict()["state"].items()
+        }
+        self.snapshots.append((weights, state))
+        loss = NextToken().loss_sum(model, batch)
+        if step in self.nan_loss_at:
+            return loss + float("nan")
+        if step in self.inf_grad_at:
+            loss.register_hook(lambda g: g * float("inf"))
+        return loss
+
+
+def same(a: Snapshot, b: Snapshot) -> bool:
+    (wa, sa), (wb, sb) = a, b
+    if wa.keys() != wb.keys() or sa.keys() != sb.keys():
+        return False
+    tensors = [(wa[k], wb[k]) for k in wa]
+    tensors += [(sa[i][k], sb[i][k]) for i in sa for k in sa[i]]
+    return all(torch.equal(x, y) for x, y in tensors)
+
+
+def faulty_run(
+    tmp_path: Path, s: LoopSettings, **faults: set[int]
+) -> tuple[Faulty, list[dict[str, float]], LoopResult]:
+    torch.manual_seed(0)
+    model = GPT(preset("tiny"))
+    opt = build_adamw(model, s.lr, 0.1, (0.9, 0.95), 1e-8, CPU)
+    spy = Faulty(opt, **faults)
+    result = train(
+        model,
+        opt,
+        cycle_sampler(),
+        s,
+        device=CPU,
+        run_dir=tmp_path,
+        eos_token_id=0,
+        extra_files=[],
+        objective=spy,
+    )
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    return spy, [r for r in lines if "loss" in r], result
+
+
+def test_nonfinite_losses_are_skipped_counted_and_reset_by_a_finite_step(tmp_path: Path) -> None:
+    # Four bad steps, never more than two in a row: max_bad_steps 3 lets the run finish.
+    s = settings(max_steps=12, max_bad_steps=3, checkpoint_every=6)
+    spy, lines, result = faulty_run(tmp_path, s, nan_loss_at={3, 4, 8, 9})
+    assert result.steps == 12 and result.skipped_steps == 4
+    assert not same(spy.snapshots[2], spy.snapshots[3])  # a good step moves weights and state
+    assert same(spy.snapshots[3], spy.snapshots[4]) and same(spy.snapshots[4], spy.snapshots[5])
+    assert same(spy.snapshots[8], spy.snapshots[10])
+    bad = [r["step"] for r in lines if not math.isfinite(r["loss"])]
+    assert bad == [4, 5, 9, 10]  # metrics count steps from 1
+    assert all(math.isfinite(r["grad_norm"]) for r in lines)  # the loss alone was bad
+    state = json.loads(
+        (tmp_path / "checkpoints" / "step-0000006" / "trainer_state.json").read_text()
+    )
+    assert state["skipped_steps"] == 2 and state["bad_in_row"] == 0  # a resume keeps the count
+    assert result.final_loss == lines[-1]["loss"]
+
+
+def test_an_infinite_gradient_skips_the_step(tmp_path: Path) -> None:
+    spy, lines, result = faulty_run(tmp_path, settings(max_steps=8), inf_grad_at={5})
+    assert result.skipped_steps == 1
+    assert same(spy.snapshots[5], spy.snapshots[6])
+    assert not same(spy.snapshots[6], spy.snapshots[7])
+    [bad] = [r for r in lines if not math.isfinite(r["grad_norm"])]
+    assert bad["step"] == 6 and math.isfinite(bad["loss"])  # the gradient alone was bad
+
+
+def test_max_bad_steps_in_a_row_stop_the_run_naming_step_loss_and_causes(tmp_path: Path) -> None:
+    s = settings(max_steps=12, max_bad_steps=3)
+    with pytest.raises(StageFailed) as e:
+        faulty_run(tmp_path, s, nan_loss_at={5, 7}, inf_grad_at={6})
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    last_finite = lines[4]["loss"]  # step 5, the last before the three bad ones
+    message = str(e.value)
+    assert message.startswith("training stopped at step 8 of 12: 3 steps in a row had a non-finite")
+    assert f"last finite loss {last_finite:.4f}" in message and "max_bad_steps 3" in message
+    for cause in ("lower lr", "raise warmup_steps", "bad data", "overflow"):
+        assert cause in message, message
+    assert len(lines) == 7  # nothing was written after the failing step
+
+
+def test_a_frozen_learning_rate_warns_that_the_loss_is_stuck(tmp_path: Path) -> None:
+    _, lines, result = faulty_run(tmp_path, settings(lr=0.0, max_steps=110, warmup_steps=4))
+    losses = [r["loss"] for r in lines]
+    assert len(set(losses)) > 100  # not bit-identical: different batches, the same frozen model
+    warning = result.warnings["constant_loss"]
+    # The first 50 steps after warmup are the reference; the 50 after them did not fall.
+    assert warning.startswith("step 104: the loss has not fallen"), warning
+    assert "the model is not learning (learning rate 0" in warning
+    assert result.state["loss_reference"] == pytest.approx(sum(losses[4:54]) / 50)
+
+
+def test_a_learning_run_does_not_warn(tmp_path: Path) -> None:
+    _, lines, result = faulty_run(tmp_path, settings(max_steps=110, checkpoint_every=55))
+    assert lines[-1]["loss"] < lines[0]["loss"] - 2.0
+    assert result.warnings == {} and result.skipped_steps == 0
+    assert result.state["loss_reference"] > lines[-1]["loss"]

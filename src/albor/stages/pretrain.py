@@ -81,6 +81,13 @@ class Config(OutputConfig):
         "besides them (named in checkpoints/best.json).",
     )
     log_every: Int = Field(10, gt=0, description="Write a metrics line every N steps.")
+    max_bad_steps: Int = Field(
+        10,
+        gt=0,
+        description="A step whose loss or gradient is not finite (NaN, inf) is skipped, leaving "
+        "the weights and optimizer as they were, and counted (metrics.skipped_steps); this many "
+        "in a row stop the run with an error.",
+    )
     seed: int = Field(1337, description="Seed of the init and of the data order.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda if available.")
     precision: Literal["fp32", "bf16"] = Field(
@@ -544,6 +551,7 @@ def _train(cfg: Config, ctx: ApplyContext) -> Outcome:
         checkpoint_every=cfg.checkpoint_every,
         keep_checkpoints=cfg.keep_checkpoints,
         log_every=cfg.log_every,
+        max_bad_steps=cfg.max_bad_steps,
         precision=cfg.precision,
         compile=cfg.compile,
         activation_checkpointing=cfg.activation_checkpointing,

@@ -8,12 +8,14 @@ clipping that is always on (the ALB-071 lesson: safety never hangs on an optiona
 AdamW with the warmup + cosine schedule. Options: bf16 autocast (fp32 master weights, gradients
 and optimizer; no loss scaling, the ALB-072 lesson), `torch.compile`, activation checkpointing.
 
-A non-finite loss or gradient skips the step and is counted; too many in a row stop the run with
-the step and the last finite loss. Metrics go to `metrics.jsonl`; validation every `eval_every`
-steps. Checkpoints (`checkpoint.py`) every `checkpoint_every` steps, when validation improves, and
-on SIGINT / SIGTERM. A run restarted with the same directory resumes from the newest usable
-checkpoint, even after SIGKILL: batches are step-indexed and the weights, optimizer, RNG states,
-counters and schedule position are all restored, so it continues exactly as if never stopped.
+A non-finite loss or gradient skips the step (weights and optimizer untouched) and is counted;
+`max_bad_steps` in a row (a finite step resets the count) stop the run with the step, the last
+finite loss and the likely causes. `health.py` warns of runs that learn nothing. Metrics go to
+`metrics.jsonl`; validation every `eval_every` steps. Checkpoints (`checkpoint.py`) every
+`checkpoint_every` steps, when validation improves, and on SIGINT / SIGTERM. A run restarted with
+the same directory resumes from the newest usable checkpoint, even after SIGKILL: batches are
+step-indexed and the weights, optimizer, RNG states, counters and schedule position are all
+restored, so it continues exactly as if never stopped.
 
 Under torchrun (`distributed.py`) with DDP or FSDP2, each rank takes its slice of the batch one
 process with `micro_batch x world` would draw, the loss is normalised by the step's token count
@@ -386,12 +388,16 @@ def train(
             "elapsed_s": round(elapsed, 3),
             "evals": evals,
             "resume_warnings": resume_warnings,
+            **health.state(),
         }
 
     model.train()
     t0 = time.perf_counter()
     start_step = step
-    health = Health()
+    reference = st.get("loss_reference")
+    health = Health(
+        warmup_steps=s.warmup_steps, reference=float(reference) if reference is not None else None
+    )
     loss_value, lr, elapsed, val_loss = float("nan"), 0.0, elapsed_before, None
     # Only rank 0 writes; the others write their (identical) lines nowhere.
     metrics = open(metrics_path if rank0 else os.devnull, "a", encoding="utf-8")  # noqa: SIM115
@@ -406,9 +412,8 @@ def train(
         with (
             _StopSignals() as stop,
             Prefetcher(make, s.max_steps, enabled=s.prefetch) as prefetch,
-            progress.bar("pretrain", s.max_steps) if rank0 else _no_bar() as bar,
+            progress.bar("pretrain", s.max_steps, completed=step) if rank0 else _no_bar() as bar,
         ):
-            bar.update(completed=step)
             while step < s.max_steps:
                 lr = lr_at(
                     step,
@@ -429,14 +434,20 @@ def train(
                     torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
                 )
                 if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+                    # The update is dropped whole: weights and optimizer state stay as they were.
                     skipped += 1
                     bad_in_row += 1
-                    log.warning("step %d: non-finite loss or gradient; step skipped", step)
+                    log.warning(
+                        "step %d: loss %s, gradient norm %s: step skipped (%d in a row; "
+                        "max_bad_steps %d)",
+                        step + 1,
+                        loss_value,
+                        grad_norm,
+                        bad_in_row,
+                        s.max_bad_steps,
+                    )
                     if bad_in_row >= s.max_bad_steps:
-                        raise StageFailed(
-                            f"{bad_in_row} non-finite steps in a row at step {step} (last finite "
-                            f"loss {last_finite:.4f}): lower lr, raise warmup_steps, or check data"
-                        )
+                        raise StageFailed(_bad_steps_message(step, bad_in_row, last_finite, s))
                     optimizer.zero_grad(set_to_none=True)
                 else:
                     optimizer.step()
@@ -446,9 +457,9 @@ def train(
                 step += 1
                 tokens += tokens_per_step
                 elapsed = elapsed_before + time.perf_counter() - t0
+                session = max(elapsed - elapsed_before, 1e-9)
+                rate = (step - start_step) * tokens_per_step / session
                 if step % s.log_every == 0 or step == s.max_steps:
-                    session = max(elapsed - elapsed_before, 1e-9)
-                    rate = (step - start_step) * tokens_per_step / session
                     record: dict[str, Any] = {
                         "step": step,
                         "loss": loss_value,  # unrounded: a resumed run must match it exactly
@@ -475,7 +486,11 @@ def train(
                         val_loss = float(result["val_loss"])
                         if best is None or val_loss < best["val_loss"]:
                             best = {"step": step, "val_loss": val_loss}
-                bar.update(completed=step, description=f"pretrain loss {loss_value:.3f}")
+                shown: dict[str, object] = {"step": step, "loss": f"{loss_value:.4f}"}
+                shown["tok/s"] = f"{rate:,.0f}"
+                if skipped:
+                    shown["skipped"] = skipped
+                bar.update(completed=step, fields=shown)
                 # Every rank must stop at the same step, whichever the signal reached first.
                 stopping = distributed.any_rank(stop.signal is not None, device)
                 stopping = stopping and step < s.max_steps
@@ -510,6 +525,22 @@ def train(
         resume_warnings=resume_warnings,
         best=_best_location(best, s.max_steps),
         state=trainer_state(val_loss),
+    )
+
+
+def _bad_steps_message(step: int, in_row: int, last_finite: float, s: LoopSettings) -> str:
+    """Why the run stopped, where, and what usually causes it."""
+    last = "none yet" if math.isnan(last_finite) else f"{last_finite:.4f}"
+    if s.precision == "fp32":
+        overflow = "overflow in the activations (often the learning rate again)"
+    else:
+        overflow = f"overflow in {s.precision} (try precision: fp32)"
+    return (
+        f"training stopped at step {step + 1} of {s.max_steps}: {in_row} steps in a row had a "
+        f"non-finite loss or gradient (max_bad_steps {s.max_bad_steps}; last finite loss "
+        f"{last}). Likely causes: a learning rate too high (lower lr, now {s.lr:g}), a warmup "
+        f"too short (raise warmup_steps, now {s.warmup_steps}), bad data (check the tokenize "
+        f"output), or {overflow}"
     )
 
 
