@@ -1,12 +1,16 @@
-"""`albor serve` as a real process, spoken to with a real HTTP client (http.client).
+"""`albor serve` as a real process, spoken to with a real HTTP client (http.client) and with raw
+bytes over a socket.
 
 One server (API key, small queue and caps) serves most tests; a second one checks the warning
-for a non-loopback address and that SIGINT lets a running stream finish."""
+for a non-loopback address and that SIGINT lets a running stream finish. The last tests run the
+server in this process, in a thread: on IPv6, and stopped while requests wait in its queue."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import logging
 import re
 import signal
 import socket
@@ -21,8 +25,11 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from albor.errors import ConfigError
+from albor.infer.api import Limits
 from albor.infer.engine import completions, make_prompt
 from albor.infer.loader import load
+from albor.infer.server import Server, create_server
 
 KEY = "sk-test-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -87,7 +94,8 @@ def call(
     resp = conn.getresponse()
     text = resp.read()
     conn.close()
-    return resp.status, dict(resp.getheaders()), json.loads(text) if text else None
+    headers = {k.lower(): v for k, v in resp.getheaders()}  # names are case-insensitive
+    return resp.status, headers, json.loads(text) if text else None
 
 
 def events(resp: http.client.HTTPResponse) -> Iterator[Any]:
@@ -209,7 +217,7 @@ def test_every_error_class(server: Proc) -> None:
         )
         assert got == status, data
         assert set(data["error"]) == {"message", "type", "param", "code"}
-        assert headers["Content-Type"] == "application/json"
+        assert headers["content-type"] == "application/json"
         return dict(data["error"])
 
     assert error(400, raw=b"{not json")["code"] == "invalid_json"
@@ -236,9 +244,198 @@ def test_every_error_class(server: Proc) -> None:
     assert error(405, method="GET")["message"].startswith("GET /v1/completions is not allowed")
     assert error(404, method="GET", path="/v2/nothing")["code"] == "not_found"
     with socket.create_connection((server.host, server.port), timeout=60) as s:
-        s.sendall(f"POST /v1/completions HTTP/1.1\r\nAuthorization: Bearer {KEY}\r\n\r\n".encode())
+        head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\r\n"
+        s.sendall(head.encode())
         assert s.recv(100).startswith(b"HTTP/1.1 411")  # no Content-Length
     # Still healthy after all of that.
+    assert call(server, "GET", "/health")[2]["status"] == "ok"
+
+
+def exchange(
+    server: Proc | InThread, raw: bytes, *, then: bytes = b""
+) -> tuple[int, dict[str, str], Any]:
+    """Send `raw` as it is, then `then` once the answer has come (if the server still reads);
+    the status, the headers (lowercase names) and the JSON body of the answer."""
+    with socket.create_connection((server.host, server.port), timeout=60) as s:
+        s.sendall(raw)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            got = s.recv(65536)
+            assert got, f"the server closed without an answer: {data!r}"
+            data += got
+        head, _, body = data.partition(b"\r\n\r\n")
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        assert re.fullmatch(r"HTTP/1\.1 \d{3} [\w ]+", status_line), status_line
+        headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in lines)}
+        while len(body) < int(headers["content-length"]):
+            got = s.recv(65536)
+            assert got, "the server closed in the middle of the body"
+            body += got
+        if then:
+            with contextlib.suppress(OSError):
+                s.sendall(then)
+    return int(status_line.split()[1]), headers, json.loads(body)
+
+
+def request_bytes(
+    body: bytes,
+    *,
+    method: str = "POST",
+    path: str = "/v1/completions",
+    extra: str = "",
+    length: bool = True,
+) -> bytes:
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: application/json\r\n{extra}"
+    )
+    if length and "Content-Length" not in extra and "Transfer-Encoding" not in extra:
+        head += f"Content-Length: {len(body)}\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+def chunked(*pieces: bytes) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+
+
+# name: (bytes sent, status, error code or param, text in the message)
+MALFORMED: dict[str, tuple[bytes, int, str | None, str]] = {
+    "lone surrogate in prompt": (
+        request_bytes(b'{"prompt": "def f():\\ud800", "max_tokens": 2}'),
+        400,
+        "prompt",
+        "prompt is not valid Unicode",
+    ),
+    "lone surrogate in prompt list": (
+        request_bytes(b'{"prompt": ["ok", "\\udfff"]}'),
+        400,
+        "prompt",
+        "prompt[1] is not valid Unicode",
+    ),
+    "lone surrogate in suffix": (
+        request_bytes(b'{"prompt": "x", "suffix": "\\ud83d"}'),
+        400,
+        "suffix",
+        "suffix is not valid Unicode",
+    ),
+    "lone surrogate in stop": (
+        request_bytes(b'{"prompt": "x", "stop": ["a", "b\\ud800"]}'),
+        400,
+        "stop",
+        "stop[1] is not valid Unicode",
+    ),
+    "invalid UTF-8": (
+        request_bytes(b'{"prompt": "caf\xe9"}'),
+        400,
+        "invalid_utf8",
+        "byte 0xe9",
+    ),
+    "not JSON": (request_bytes(b"prompt=hello"), 400, "invalid_json", "not valid JSON"),
+    "NaN": (
+        request_bytes(b'{"prompt": "x", "temperature": NaN}'),
+        400,
+        "invalid_json",
+        "NaN",
+    ),
+    "nested too deep": (request_bytes(b"[" * 3000), 400, "invalid_json", "not usable JSON"),
+    "wrong type": (request_bytes(b'{"prompt": "x", "n": "2"}'), 400, "n", "integer"),
+    "seed out of range": (
+        request_bytes(b'{"prompt": "x", "seed": 18446744073709551616}'),
+        400,
+        "seed",
+        "seed",
+    ),
+    "unknown field": (
+        request_bytes(b'{"prompt": "x", "best_guess": true}'),
+        400,
+        "unknown_field",
+        "unknown field 'best_guess'",
+    ),
+    "negative Content-Length": (
+        request_bytes(b'{"prompt": "x"}', extra="Content-Length: -15\r\n"),
+        400,
+        "invalid_http",
+        "Content-Length",
+    ),
+    "garbage Content-Length": (
+        request_bytes(b'{"prompt": "x"}', extra="Content-Length: 1five\r\n"),
+        400,
+        "invalid_http",
+        "Content-Length",
+    ),
+    "no Content-Length": (
+        request_bytes(b'{"prompt": "x"}', length=False),
+        411,
+        None,
+        "Content-Length",
+    ),
+    "huge Content-Length": (
+        request_bytes(b'{"prompt": "', extra="Content-Length: 1000000000\r\n"),
+        413,
+        "body_too_large",
+        "1000000000 bytes",
+    ),
+    "chunked over the cap": (
+        request_bytes(
+            chunked(b'{"prompt": "', b"x" * 3000, b"y" * 3000),
+            extra="Transfer-Encoding: chunked\r\n",
+        ),
+        413,
+        "body_too_large",
+        "over 4096 bytes",
+    ),
+    "unknown method": (request_bytes(b"", method="BREW"), 405, None, "BREW /v1/completions"),
+    "unknown path": (request_bytes(b"{}", path="/v1/chat"), 404, "not_found", "/v1/chat"),
+    "not HTTP": (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n", 400, "invalid_http", ""),
+    "HTTP/1.1 without Host": (
+        f"GET /health HTTP/1.1\r\nAuthorization: Bearer {KEY}\r\n\r\n".encode(),
+        400,
+        "invalid_http",
+        "Host",
+    ),
+    "a line of text": (b"hello, server\r\n\r\n", 400, "invalid_http", "not a valid HTTP"),
+    "head too large": (
+        b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 20000,  # and no end in sight
+        431,
+        "invalid_http",
+        "",
+    ),
+}
+
+
+def test_malformed_requests_get_json_4xx_and_one_log_line(server: Proc) -> None:
+    for name, (raw, status, key, text) in MALFORMED.items():
+        before = len(server.lines)
+        # The rest of an over-long body, sent after the 413, is read and dropped.
+        then = b"x" * 100_000 if name == "huge Content-Length" else b""
+        got, headers, body = exchange(server, raw, then=then)
+        assert got == status, (name, body)
+        assert headers["content-type"] == "application/json", name
+        error = body["error"]
+        assert set(error) == {"message", "type", "param", "code"}, name
+        assert key in (None, error["code"], error["param"]), (name, error)
+        assert text in error["message"], (name, error)
+        if status == 405:
+            assert headers["allow"] == "POST"
+        # Exactly one log line for the refusal: client, method, path, status, reason.
+        deadline = time.monotonic() + 10
+        while len(server.lines) == before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
+        new = server.lines[before:]
+        assert len(new) == 1, (name, new)
+        m = re.fullmatch(r"WARNING albor\.serve: \S+:\d+ (\S+) (\S+) (\d{3}) (.+)\n", new[0])
+        assert m and int(m.group(3)) == status, (name, new)
+        sent = re.match(rb"([A-Z]+) (/\S*) HTTP/1\.1\r\n", raw)
+        if sent:  # the request line parses: the log names its method and path
+            assert m.group(1, 2) == (sent.group(1).decode(), sent.group(2).decode()), new
+    assert "Traceback" not in server.stderr
+    # A chunked body under the cap is fine, and the server is still healthy after all of that.
+    raw = request_bytes(
+        chunked(b'{"prompt": "x", ', b'"max_tokens": 2}'), extra="Transfer-Encoding: chunked\r\n"
+    )
+    status, _, body = exchange(server, raw)
+    assert status == 200 and body["usage"]["completion_tokens"] <= 2
     assert call(server, "GET", "/health")[2]["status"] == "ok"
 
 
@@ -273,7 +470,7 @@ def test_concurrent_clients_queue_and_overflow(server: Proc, engine: Any) -> Non
     assert (
         len(ok) >= 3
         and busy
-        and all(r[1]["Retry-After"] == "1" and r[2]["error"]["code"] == "server_busy" for r in busy)
+        and all(r[1]["retry-after"] == "1" and r[2]["error"]["code"] == "server_busy" for r in busy)
     )
 
     # Clients that retry on 503 all get their answer.
@@ -329,3 +526,97 @@ def test_public_bind_warns_and_sigint_finishes_the_running_stream(trained_model:
     finally:
         if proc.p.poll() is None:
             proc.p.kill()
+
+
+class InThread:
+    """`create_server` + `serve` in a thread of this process; `stop` as `run` does on a signal."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.thread = threading.Thread(target=server.serve)
+        self.thread.start()
+        parts = urlsplit(server.url)
+        self.host, self.port = str(parts.hostname), int(parts.port or 0)
+
+    def conn(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection(self.host, self.port, timeout=60)
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.thread.join(timeout=60)
+        assert not self.thread.is_alive()
+
+
+def test_serves_on_ipv6(engine: Any) -> None:
+    try:
+        server = create_server(engine, host="::1", port=0)
+    except ConfigError:
+        pytest.skip("this machine has no IPv6 loopback")  # not albor's to provide
+    running = InThread(server)
+    try:
+        assert server.url.startswith("http://[::1]:")
+        conn = running.conn()
+        conn.request("GET", "/health")
+        resp = conn.getresponse()
+        assert resp.status == 200 and json.loads(resp.read())["status"] == "ok"
+    finally:
+        running.stop()
+
+
+def test_stop_refuses_the_queued_request_and_finishes_the_running_one(engine: Any) -> None:
+    running = InThread(create_server(engine, port=0, limits=Limits(max_queue=2)))
+    try:
+        conn = running.conn()
+        req = {"prompt": ["import ", "def "] * 4, "n": 4, "max_tokens": 100, "stream": True}
+        conn.request("POST", "/v1/completions", body=json.dumps({**req, "seed": 1}))
+        stream = events(conn.getresponse())
+        first = next(stream)
+        queued: list[tuple[int, Any]] = []
+
+        def wait_in_queue() -> None:
+            c = running.conn()
+            c.request("POST", "/v1/completions", body=json.dumps({"prompt": "x", "max_tokens": 2}))
+            resp = c.getresponse()
+            queued.append((resp.status, json.loads(resp.read())))
+
+        waiter = threading.Thread(target=wait_in_queue)
+        waiter.start()
+        while True:  # until the second request waits behind the first
+            c = running.conn()
+            c.request("GET", "/health")
+            health = json.loads(c.getresponse().read())
+            if health["queued"] == 1:
+                break
+            assert health["busy"], "the first request ended before the second was queued"
+        running.server.stop()
+        waiter.join(timeout=60)
+        ((status, body),) = queued
+        assert status == 503 and body["error"]["code"] == "server_busy"
+        assert "shutting down" in body["error"]["message"]
+        rest = [first, *stream]
+        assert rest[-1] == "[DONE]"
+        finished = [c["choices"][0] for c in rest[:-1] if c["choices"][0]["finish_reason"]]
+        assert sorted(c["index"] for c in finished) == list(range(32))
+    finally:
+        running.stop()
+
+
+def test_a_stalled_body_gets_408_and_a_silent_client_is_dropped(
+    engine: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    running = InThread(create_server(engine, port=0, limits=Limits(timeout_s=1)))
+    try:
+        with socket.create_connection((running.host, running.port), timeout=30) as s:
+            t0 = time.monotonic()
+            assert s.recv(100) == b""  # the server hung up on a client that said nothing
+            assert 0.5 < time.monotonic() - t0 < 20
+        raw = request_bytes(b'{"prompt": "never fin', extra="Content-Length: 60\r\n")
+        status, headers, body = exchange(running, raw)
+        assert status == 408 and body["error"]["code"] == "timeout"
+        assert headers["connection"] == "close"
+    finally:
+        running.stop()
+    refused = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(refused) == 1 and " POST /v1/completions 408 the body stalled" in refused[0]
+    assert not any(r.exc_info for r in caplog.records)

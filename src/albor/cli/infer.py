@@ -230,8 +230,9 @@ def serve_cmd(
 
     Listens on 127.0.0.1 unless --host says otherwise. One request generates at a time; others
     wait in a bounded queue. Ctrl-C / SIGTERM finish the running request and stop."""
+    from albor.infer.api import Limits
     from albor.infer.loader import load
-    from albor.infer.server import Limits, create_server, is_loopback, run
+    from albor.infer.server import create_server, is_loopback, run
 
     if not is_loopback(host) and not api_key:
         err.print(

@@ -1,4 +1,4 @@
-"""An OpenAI-compatible completion server on the standard library (`albor serve MODEL`).
+"""An OpenAI-compatible completion server on uvicorn and starlette (`albor serve MODEL`).
 
     POST /v1/completions   prompt (string or list), suffix (fill-in-the-middle), max_tokens,
                            temperature, top_p, top_k, stop, n, stream (server-sent events), seed,
@@ -7,51 +7,60 @@
     GET  /health           liveness and queue depth (no API key needed)
 
 Editor plugins and the `openai` client speak this API; `suffix` makes a request an infilling one,
-in albor's FIM layout. One worker thread owns the model and runs one request at a time (the
-prompts and `n` samples of a request are generated as one batch); other requests wait in a
-bounded queue and get a 503 when it is full, so load never grows memory or threads without
-bound. Every request is checked before it reaches the model: body size (413), JSON shape, types
-and unknown fields (400), prompt tokens + max_tokens against the context (400), max_tokens and n
-caps (400), the Bearer API key (401). Errors are OpenAI-style JSON:
-`{"error": {"message", "type", "param", "code"}}`. SIGINT / SIGTERM stop accepting requests,
-finish the running one, answer the queued ones 503 and return.
+in albor's FIM layout. The model, its worker thread and the bounded queue are
+`albor.infer.api.CompletionService`; this module is the HTTP side. Every request is checked
+before it reaches the model: body size (413, counted while the body streams in, so a large one
+is never held), a missing length (411), a stalled body (408), UTF-8, JSON, lone surrogates,
+types and unknown fields (400), prompt tokens + max_tokens against the context (400), max_tokens
+and n caps (400), the Bearer API key (401), the route (404) and method (405). Every refusal,
+down to bytes that are not HTTP at all, is OpenAI-style JSON
+`{"error": {"message", "type", "param", "code"}}` and one log line (client, method, path, status,
+reason), never a traceback. SIGINT / SIGTERM stop accepting requests, answer the queued ones
+503, finish the running one and return.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import ipaddress
 import json
 import logging
-import queue
+import math
+import re
 import signal
 import socket
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import AsyncIterator, Callable, Iterator
+from http import HTTPStatus
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+import h11
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from albor.data.fim import Mode
-from albor.errors import AlborError, ConfigError
-from albor.infer.engine import (
-    Backend,
-    Delta,
-    Sampling,
-    make_prompt,
-    prompt_tokens,
-    stream_completions,
-)
+from albor.errors import ConfigError
+from albor.infer.api import CompletionService, Job, Limits, RequestError, parse_request
+from albor.infer.engine import Backend, Delta
 
 log = logging.getLogger("albor.serve")
 
-MAX_STOPS = 4  # as OpenAI's API
-_DRAIN_BYTES = 1 << 16
+_REASON = "albor.reason"  # scope key: why a request was refused, for its log line
+_CLOSE = {"Connection": "close"}
+_GRACE_S = 60  # how long a shutdown waits for the running request
+_HEAD_KEPT = 512
+_REQUEST_LINE = re.compile(rb"([A-Za-z]{1,20}) (/[!-~]{0,400}) HTTP/")
 
 
 def is_loopback(host: str) -> bool:
@@ -64,569 +73,406 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask for, and how much may wait."""
-
-    max_body_bytes: int = 1 << 20
-    max_tokens: int | None = None
-    """Cap on max_tokens (default: the model's context)."""
-    default_max_tokens: int = 16
-    """max_tokens when a request leaves it out (OpenAI's default)."""
-    max_n: int = 8
-    max_prompts: int = 16
-    max_batch: int = 32
-    """Prompts x n generated together in one request, at most."""
-    max_queue: int = 16
-    """Requests waiting for the model beyond the one running; more get a 503."""
-    timeout_s: float = 30.0
-    """A client that sends nothing for this long is disconnected."""
-
-    def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "default_max_tokens", "max_n", "max_prompts", "max_batch"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"server limit {name} must be at least 1")
-        if self.max_queue < 1:
-            raise ConfigError("server limit max_queue must be at least 1")
+def _one_line(text: str) -> str:
+    """`text` safe for one log line: a path or a field name can carry a newline."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    include_usage: bool = Field(False, description="Send a last chunk with the token usage.")
+def _address(peer: Any) -> str:
+    return f"{peer[0]}:{peer[1]}" if peer else "-"
 
 
-class CompletionRequest(BaseModel):
-    """The body of POST /v1/completions (OpenAI's fields; `top_k` as llama.cpp's server)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    model: str | None = Field(None, description="Any name; the server has one model.")
-    prompt: str | list[str] = Field(description="Text to complete, or several.")
-    suffix: str | None = Field(None, description="Text after the gap: fill in the middle.")
-    max_tokens: int | None = Field(None, ge=0, description="Most tokens to generate per choice.")
-    temperature: float = Field(1.0, ge=0, le=2, description="0 is greedy.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
-    top_k: int | None = Field(None, ge=1, description="Sample among the k likeliest tokens.")
-    n: int = Field(1, ge=1, description="Choices per prompt.")
-    stream: bool = Field(False, description="Send text as server-sent events.")
-    stream_options: StreamOptions | None = Field(None, description="include_usage.")
-    stop: str | list[str] | None = Field(None, description="Up to 4 stop strings.")
-    seed: int | None = Field(None, description="Seed for reproducible sampling.")
-    echo: bool = Field(False, description="Put the prompt before each completion.")
-    user: str | None = Field(None, description="Ignored.")
-    # Accepted at their neutral values only, because clients send them by default.
-    logprobs: int | None = Field(None, description="Not supported: null only.")
-    best_of: int | None = Field(None, description="Not supported: null or n.")
-    presence_penalty: float = Field(0.0, description="Not supported: 0 only.")
-    frequency_penalty: float = Field(0.0, description="Not supported: 0 only.")
-    logit_bias: dict[str, float] | None = Field(None, description="Not supported: empty only.")
+def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:
+    # json.dumps escapes to ASCII, so an error that quotes a client's odd text still encodes.
+    return Response(json.dumps(body), status, headers, media_type="application/json")
 
 
-_TYPES = {
-    "prompt": "a string or a list of strings",
-    "stop": "a string, a list of strings or null",
-    "stream_options": 'an object like {"include_usage": true}',
-    "logit_bias": "an object of token id -> bias",
-}
+def _refuse(request: Request, e: RequestError) -> Response:
+    request.scope[_REASON] = e.message
+    return _json(e.status, e.body, e.headers)
 
 
-class RequestError(Exception):
-    """A request the server refuses: HTTP status and an OpenAI-style error object."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        kind: str = "invalid_request_error",
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-        self.headers = headers or {}
-
-
-def parse_request(body: bytes) -> CompletionRequest:
-    """The validated request, or a RequestError (400) naming the field and what it should be."""
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RequestError(400, f"the body is not valid JSON: {e}", code="invalid_json") from e
-    if not isinstance(data, dict):
-        raise RequestError(400, "the body must be a JSON object", code="invalid_json")
-    try:
-        req = CompletionRequest.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        param = str(err["loc"][0]) if err["loc"] else None
-        if err["type"] == "extra_forbidden":
-            known = ", ".join(CompletionRequest.model_fields)
-            msg = f"unknown field {param!r} (fields: {known})"
-            raise RequestError(400, msg, param=param, code="unknown_field") from e
-        if err["type"] == "missing":
-            raise RequestError(400, f"{param} is required", param=param) from e
-        if param in _TYPES and len(err["loc"]) > 1 and err["loc"][1] in ("str", "list[str]"):
-            msg = f"{param} must be {_TYPES[param]}"
-        else:
-            where = ".".join(str(x) for x in err["loc"])
-            msg = f"{where}: {err['msg']}"
-        raise RequestError(400, msg, param=param, code="invalid_value") from e
-    unsupported = {
-        "logprobs": req.logprobs is not None,
-        "best_of": req.best_of not in (None, req.n),
-        "presence_penalty": req.presence_penalty != 0,
-        "frequency_penalty": req.frequency_penalty != 0,
-        "logit_bias": bool(req.logit_bias),
-    }
-    for name, bad in unsupported.items():
-        if bad:
-            raise RequestError(400, f"{name} is not supported by this server", param=name)
-    return req
-
-
-@dataclass
-class Job:
-    """A validated request on its way through the queue; the worker answers through `events`."""
-
-    request: CompletionRequest
-    prompts: list[str]
-    stops: list[str]
-    max_tokens: int
-    events: queue.Queue[tuple[str, Any]] = field(default_factory=queue.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    answered: bool = False
-    """Set by the handler once it has read the worker's last event ("end" or "error")."""
-
-    def next_event(self) -> tuple[str, Any]:
-        kind, payload = self.events.get()
-        if kind in ("end", "error"):
-            self.answered = True
-        return kind, payload
-
-
-class CompletionService:
-    """The model behind the HTTP layer: request checks that need no model, the bounded queue,
-    and the worker thread that owns the model."""
-
-    def __init__(self, backend: Backend, limits: Limits, *, fim_mode: Mode, heal: bool) -> None:
-        self.backend = backend
-        self.limits = limits
-        self.fim_mode = fim_mode
-        self.heal = heal
-        self.created = int(time.time())
-        self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=limits.max_queue)
-        self.busy = False
-        self.stopping = threading.Event()
-        self._worker = threading.Thread(target=self._work, name="albor-generate", daemon=True)
-        self._worker.start()
-
-    @property
-    def max_tokens_cap(self) -> int:
-        return min(self.limits.max_tokens or self.backend.n_ctx, self.backend.n_ctx)
-
-    def submit(self, req: CompletionRequest) -> Job:
-        """Check what can be checked without the model and queue the request (503 when full)."""
-        lim = self.limits
-        prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
-        if not prompts:
-            raise RequestError(400, "prompt is an empty list: give at least one", param="prompt")
-        if len(prompts) > lim.max_prompts:
-            raise RequestError(
-                400, f"{len(prompts)} prompts; this server takes {lim.max_prompts}", param="prompt"
-            )
-        if req.n > lim.max_n:
-            raise RequestError(
-                400, f"n is {req.n}; this server allows up to {lim.max_n}", param="n"
-            )
-        if len(prompts) * req.n > lim.max_batch:
-            raise RequestError(
-                400,
-                f"{len(prompts)} prompts x n {req.n} = {len(prompts) * req.n} completions; "
-                f"this server makes at most {lim.max_batch} per request",
-                param="n",
-            )
-        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if len(stops) > MAX_STOPS or any(not s for s in stops):
-            raise RequestError(400, f"stop takes up to {MAX_STOPS} non-empty strings", param="stop")
-        max_tokens = lim.default_max_tokens if req.max_tokens is None else req.max_tokens
-        if max_tokens > self.max_tokens_cap:
-            raise RequestError(
-                400,
-                f"max_tokens is {max_tokens}; this server allows up to {self.max_tokens_cap}",
-                param="max_tokens",
-            )
-        if self.stopping.is_set():
-            raise _unavailable("the server is shutting down")
-        job = Job(req, prompts, stops, max_tokens)
+async def _read_body(request: Request, limits: Limits) -> bytes:
+    """The body, refused as soon as it is known to be over the cap (413) or stalls (408)."""
+    length = request.headers.get("content-length")
+    if length is None and "transfer-encoding" not in request.headers:
+        # Without either, HTTP/1.1 says the body is empty and whatever follows is a new request.
+        raise RequestError(
+            411, "a Content-Length header is required (or chunked transfer)", headers=_CLOSE
+        )
+    limit = limits.max_body_bytes
+    # h11 has checked that Content-Length is digits; a 5000-digit one is over any cap.
+    if length is not None and (len(length) > 18 or int(length) > limit):
+        raise RequestError(
+            413,
+            f"the body is {length} bytes; this server takes up to {limit}",
+            code="body_too_large",
+        )
+    body = bytearray()
+    chunks = request.stream().__aiter__()
+    while True:
         try:
-            self.queue.put_nowait(job)
-        except queue.Full:
-            raise _unavailable(
-                f"the server is busy ({self.queue.maxsize} requests waiting): retry shortly"
+            async with asyncio.timeout(limits.timeout_s):
+                chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return bytes(body)
+        except TimeoutError:
+            raise RequestError(
+                408, f"the body stalled for {limits.timeout_s:g} s", code="timeout", headers=_CLOSE
             ) from None
-        return job
-
-    def _work(self) -> None:
-        while True:
-            job = self.queue.get()
-            if job is None:
-                return
-            if self.stopping.is_set():
-                job.events.put(("error", _unavailable("the server is shutting down")))
-                continue
-            self.busy = True
-            try:
-                self._run(job)
-            except RequestError as e:
-                job.events.put(("error", e))
-            except AlborError as e:
-                job.events.put(("error", RequestError(400, str(e))))
-            except Exception as e:  # a bug must not take the worker down with it
-                log.exception("generation failed")
-                job.events.put(
-                    ("error", RequestError(500, f"internal error: {e}", kind="server_error"))
-                )
-            finally:
-                self.busy = False
-
-    def _run(self, job: Job) -> None:
-        req, backend = job.request, self.backend
-        heal = self.heal and job.max_tokens > 0
-        prompts = []
-        for i, text in enumerate(job.prompts):
-            p = make_prompt(backend, text, req.suffix, fim_mode=self.fim_mode, heal=heal)
-            used = prompt_tokens(p)
-            if used + job.max_tokens > backend.n_ctx:
-                which = "prompt" if len(job.prompts) == 1 else f"prompt {i}"
-                raise RequestError(
-                    400,
-                    f"{which} has {used} tokens and max_tokens is {job.max_tokens}: together "
-                    f"{used + job.max_tokens}, more than the model's context of "
-                    f"{backend.n_ctx} tokens; shorten the prompt or lower max_tokens",
-                    param="max_tokens",
-                    code="context_length_exceeded",
-                )
-            prompts += [p] * req.n
-        sampling = Sampling(
-            temperature=req.temperature,
-            top_k=req.top_k,
-            top_p=req.top_p if req.top_p < 1 else None,
-            seed=req.seed,
-        )
-        usage = {
-            "prompt_tokens": sum(prompt_tokens(p) for p in prompts[:: req.n]),
-            "completion_tokens": 0,
-        }
-        job.events.put(("start", None))
-        deltas = stream_completions(
-            backend, prompts, max_new_tokens=job.max_tokens, sampling=sampling, stop=job.stops
-        )
-        try:
-            for d in deltas:
-                if job.cancelled.is_set():
-                    break  # the client left: stop generating, still close the job below
-                if d.finish_reason is not None:
-                    usage["completion_tokens"] += d.completion_tokens
-                job.events.put(("delta", d))
-        finally:
-            deltas.close()
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        job.events.put(("end", usage))
-
-    def stop(self) -> None:
-        """Refuse new requests, answer the queued ones 503, let the running one finish."""
-        self.stopping.set()
-        while True:
-            try:
-                self.queue.put(None, timeout=0.1)
-                break
-            except queue.Full:
-                continue
-        self._worker.join()
-
-
-def _unavailable(message: str) -> RequestError:
-    return RequestError(
-        503, message, kind="server_error", code="server_busy", headers={"Retry-After": "1"}
-    )
-
-
-class Handler(BaseHTTPRequestHandler):
-    """HTTP/1.1 with keep-alive; JSON in and out; the service does the work."""
-
-    protocol_version = "HTTP/1.1"
-    server_version = "albor"
-    service: CompletionService
-    api_key: str | None
-    inflight: Inflight
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.info("%s %s", self.address_string(), format % args)
-
-    # -- plumbing ---------------------------------------------------------------------------
-
-    def _send_json(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _send_error(self, e: RequestError) -> None:
-        self._send_json(e.status, e.body, e.headers)
-
-    def _authorized(self) -> bool:
-        if self.api_key is None:
-            return True
-        given = self.headers.get("Authorization", "")
-        scheme, _, token = given.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            token.strip().encode(), self.api_key.encode()
-        )
-
-    def _route(self, method: str) -> None:
-        path = self.path.split("?", 1)[0].rstrip("/") or "/"
-        routes: dict[str, dict[str, Callable[[], None]]] = {
-            "/health": {"GET": self._health},
-            "/v1/models": {"GET": self._models},
-            "/v1/completions": {"POST": self._completions},
-        }
-        with self.inflight:
-            try:
-                if path not in routes:
-                    raise RequestError(
-                        404, f"no route {path}: use /v1/completions", code="not_found"
-                    )
-                if method not in routes[path]:
-                    allowed = ", ".join(routes[path])
-                    raise RequestError(
-                        405,
-                        f"{method} {path} is not allowed (use {allowed})",
-                        headers={"Allow": allowed},
-                    )
-                if path != "/health" and not self._authorized():
-                    raise RequestError(
-                        401,
-                        "missing or wrong API key: send the header Authorization: Bearer KEY",
-                        code="invalid_api_key",
-                    )
-                routes[path][method]()
-            except RequestError as e:
-                self._send_error(e)
-            except (BrokenPipeError, ConnectionResetError):
-                self.close_connection = True  # the client left
-
-    def do_GET(self) -> None:
-        self._route("GET")
-
-    def do_POST(self) -> None:
-        self._route("POST")
-
-    def do_PUT(self) -> None:
-        self._route("PUT")
-
-    def do_DELETE(self) -> None:
-        self._route("DELETE")
-
-    # -- endpoints --------------------------------------------------------------------------
-
-    def _health(self) -> None:
-        s = self.service
-        if s.stopping.is_set():
-            self._send_json(503, {"status": "shutting down"})
-            return
-        self._send_json(
-            200,
-            {"status": "ok", "model": s.backend.name, "busy": s.busy, "queued": s.queue.qsize()},
-        )
-
-    def _models(self) -> None:
-        s = self.service
-        model = {
-            "id": s.backend.name,
-            "object": "model",
-            "created": s.created,
-            "owned_by": "albor",
-            "context_length": s.backend.n_ctx,
-        }
-        self._send_json(200, {"object": "list", "data": [model]})
-
-    def _read_body(self) -> bytes:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self.close_connection = True
-            raise RequestError(411, "send the body with a Content-Length, not chunked")
-        length = self.headers.get("Content-Length")
-        if length is None:
-            self.close_connection = True
-            raise RequestError(411, "a Content-Length header is required")
-        try:
-            size = int(length)
-        except ValueError:
-            self.close_connection = True
-            raise RequestError(400, f"Content-Length {length!r} is not a number") from None
-        limit = self.service.limits.max_body_bytes
-        if size > limit:
-            # Read a little of the body so that the client, still sending, sees the answer
-            # rather than a reset; the rest is never read and the connection closes.
-            self.rfile.read(min(size, _DRAIN_BYTES))
-            self.close_connection = True
+        except ClientDisconnect:
             raise RequestError(
-                413,
-                f"the body is {size} bytes; this server takes up to {limit}",
-                code="body_too_large",
+                400, "the client left while sending the body", code="client_disconnected"
+            ) from None
+        body += chunk
+        if len(body) > limit:
+            raise RequestError(
+                413, f"the body is over {limit} bytes, this server's limit", code="body_too_large"
             )
-        return self.rfile.read(size)
 
-    def _completions(self) -> None:
-        req = parse_request(self._read_body())
-        job = self.service.submit(req)
-        kind, payload = job.next_event()
+
+def _chunk(meta: dict[str, Any], row: int, text: str, reason: str | None) -> dict[str, Any]:
+    choice = {"text": text, "index": row, "logprobs": None, "finish_reason": reason}
+    return {**meta, "choices": [choice]}
+
+
+def _sse(obj: Any) -> bytes:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n".encode()
+
+
+Events = asyncio.Queue[tuple[str, Any]]
+
+
+async def _collect(job: Job, events: Events, meta: dict[str, Any]) -> dict[str, Any]:
+    req = job.request
+    rows = len(job.prompts) * req.n
+    texts = [job.prompts[r // req.n] if req.echo else "" for r in range(rows)]
+    reasons: list[str | None] = [None] * rows
+    while True:
+        kind, payload = await events.get()
         if kind == "error":
             raise payload
-        meta = {
-            "id": f"cmpl-{uuid.uuid4().hex[:24]}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": self.service.backend.name,
+        if kind == "delta":
+            d: Delta = payload
+            texts[d.row] += d.text
+            reasons[d.row] = d.finish_reason or reasons[d.row]
+        if kind == "end":
+            choices = [
+                {"text": t, "index": i, "logprobs": None, "finish_reason": r}
+                for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
+            ]
+            return {**meta, "choices": choices, "usage": payload}
+
+
+async def _stream(job: Job, events: Events, meta: dict[str, Any]) -> AsyncIterator[bytes]:
+    req = job.request
+    try:
+        if req.echo:
+            for row in range(len(job.prompts) * req.n):
+                yield _sse(_chunk(meta, row, job.prompts[row // req.n], None))
+        while True:
+            kind, payload = await events.get()
+            if kind == "delta":
+                yield _sse(_chunk(meta, payload.row, payload.text, payload.finish_reason))
+            elif kind == "error":  # after the headers: report in the stream
+                yield _sse(payload.body)
+                break
+            elif kind == "end":
+                if req.stream_options is not None and req.stream_options.include_usage:
+                    yield _sse({**meta, "choices": [], "usage": payload})
+                break
+        yield _sse("[DONE]")
+    finally:
+        job.cancelled.set()  # a client that leaves mid-stream stops the generation
+
+
+def create_app(service: CompletionService, api_key: str | None = None) -> ASGIApp:
+    """The ASGI app: routes, checks and JSON errors, wrapped in the one-line request log."""
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if not (
+            scheme.lower() == "bearer"
+            and hmac.compare_digest(token.strip().encode(), api_key.encode())
+        ):
+            raise RequestError(
+                401,
+                "missing or wrong API key: send the header Authorization: Bearer KEY",
+                code="invalid_api_key",
+            )
+
+    async def health(request: Request) -> Response:
+        if service.stopping.is_set():
+            return _json(503, {"status": "shutting down"})
+        busy, queued = service.busy, service.queue.qsize()
+        return _json(
+            200, {"status": "ok", "model": service.backend.name, "busy": busy, "queued": queued}
+        )
+
+    async def models(request: Request) -> Response:
+        authorize(request)
+        model = {
+            "id": service.backend.name,
+            "object": "model",
+            "created": service.created,
+            "owned_by": "albor",
+            "context_length": service.backend.n_ctx,
         }
+        return _json(200, {"object": "list", "data": [model]})
+
+    async def completions(request: Request) -> Response:
+        authorize(request)
+        req = parse_request(await _read_body(request, service.limits))
+        loop = asyncio.get_running_loop()
+        events: Events = asyncio.Queue()
+
+        def post(kind: str, payload: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
+                loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
+
+        job = service.submit(req, post)
         try:
-            if req.stream:
-                self._stream(job, meta)
-            else:
-                self._collect(job, meta)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            job.cancelled.set()
-            self.close_connection = True
-            while not job.answered:  # let the worker finish with this job before leaving
-                job.next_event()
-
-    def _events(self, job: Job) -> Iterator[tuple[str, Any]]:
-        while not job.answered:
-            yield job.next_event()
-
-    def _echo(self, job: Job, row: int) -> str:
-        return job.prompts[row // job.request.n] if job.request.echo else ""
-
-    def _collect(self, job: Job, meta: dict[str, Any]) -> None:
-        rows = len(job.prompts) * job.request.n
-        texts = [self._echo(job, r) for r in range(rows)]
-        reasons: list[str | None] = [None] * rows
-        for kind, payload in self._events(job):
+            kind, payload = await events.get()
             if kind == "error":
                 raise payload
-            if kind == "delta":
-                d: Delta = payload
-                texts[d.row] += d.text
-                reasons[d.row] = d.finish_reason or reasons[d.row]
-            if kind == "end":
-                choices = [
-                    {"text": t, "index": i, "logprobs": None, "finish_reason": r}
-                    for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
-                ]
-                self._send_json(200, {**meta, "choices": choices, "usage": payload})
+            meta = {
+                "id": f"cmpl-{uuid.uuid4().hex[:24]}",
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": service.backend.name,
+            }
+            if req.stream:
+                headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+                return StreamingResponse(_stream(job, events, meta), headers=headers)
+            return _json(200, await _collect(job, events, meta))
+        except BaseException:
+            job.cancelled.set()
+            raise
 
-    def _stream(self, job: Job, meta: dict[str, Any]) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.close_connection = True  # the stream ends when the connection does
+    async def refused(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestError)
+        return _refuse(request, exc)
 
-        def send(obj: Any) -> None:
-            data = obj if isinstance(obj, str) else json.dumps(obj)
-            self.wfile.write(f"data: {data}\n\n".encode())
-            self.wfile.flush()
-
-        if job.request.echo:
-            for row in range(len(job.prompts) * job.request.n):
-                send(self._chunk(meta, row, self._echo(job, row), None))
-        for kind, payload in self._events(job):
-            if kind == "delta":
-                send(self._chunk(meta, payload.row, payload.text, payload.finish_reason))
-            elif kind == "error":  # after the headers: report in the stream
-                send(payload.body)
-            elif kind == "end":
-                opts = job.request.stream_options
-                if opts is not None and opts.include_usage:
-                    send({**meta, "choices": [], "usage": payload})
-        send("[DONE]")
-
-    @staticmethod
-    def _chunk(meta: dict[str, Any], row: int, text: str, reason: str | None) -> dict[str, Any]:
-        choice = {"text": text, "index": row, "logprobs": None, "finish_reason": reason}
-        return {**meta, "choices": [choice]}
-
-
-class Inflight:
-    """Counts requests being answered, so shutdown can wait for them to finish."""
-
-    def __init__(self) -> None:
-        self._n = 0
-        self._cond = threading.Condition()
-
-    def __enter__(self) -> None:
-        with self._cond:
-            self._n += 1
-
-    def __exit__(self, *exc: object) -> None:
-        with self._cond:
-            self._n -= 1
-            self._cond.notify_all()
-
-    def wait_idle(self, timeout: float) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: self._n == 0, timeout)
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True  # idle keep-alive connections must not hold up the exit
-    request_queue_size = 64
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A client that resets or times out is routine; anything else is logged, not printed."""
-        exc = sys.exc_info()[1]
-        if isinstance(exc, ConnectionError | TimeoutError):
-            log.debug("connection from %s ended: %s", client_address, exc)
+    async def no_route(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        method, path = request.method, _one_line(request.scope["path"])
+        if exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            e = RequestError(
+                405, f"{method} {path} is not allowed (use {allowed})", headers={"Allow": allowed}
+            )
+        elif exc.status_code == 404:
+            e = RequestError(404, f"no route {path}: use /v1/completions", code="not_found")
         else:
-            log.exception("error while answering %s", client_address)
+            e = RequestError(exc.status_code, exc.detail, headers=dict(exc.headers or {}))
+        return _refuse(request, e)
+
+    async def bug(request: Request, exc: Exception) -> Response:
+        # starlette re-raises after this answer; the request log writes the one line.
+        e = RequestError(500, f"internal error: {exc!r}", kind="server_error")
+        return _refuse(request, e)
+
+    app = Starlette(
+        routes=[
+            Route("/health", health, methods=["GET"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/completions", completions, methods=["POST"]),
+        ],
+        exception_handlers={RequestError: refused, HTTPException: no_route, Exception: bug},
+    )
+    return _RequestLog(app)
 
 
-class _Server6(_Server):
-    address_family = socket.AF_INET6
+class _RequestLog:
+    """One log line per request (a warning when refused), and the last word on a bug: a JSON
+    500 and one line rather than uvicorn's traceback."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 0
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        t0 = time.perf_counter()
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as e:
+            scope.setdefault(_REASON, f"internal error: {e!r}")
+            log.debug("request failed", exc_info=True)
+            if not status:
+                body = RequestError(500, scope[_REASON], kind="server_error").body
+                await _json(500, body)(scope, receive, sending)
+        client = _address(scope.get("client"))
+        path = scope["raw_path"].decode("ascii", "replace") if scope.get("raw_path") else "-"
+        line = f"{client} {_one_line(scope['method'])} {_one_line(path)} {status}"
+        if not 0 < status < 400 or _REASON in scope:  # a stream can fail after its 200
+            phrase = HTTPStatus(status).phrase if status else "no answer"
+            log.warning("%s %s", line, _one_line(scope.get(_REASON, phrase)))
+        else:
+            log.info("%s %.0f ms", line, (time.perf_counter() - t0) * 1000)
 
 
-@dataclass
+class _Protocol(H11Protocol):
+    """uvicorn's h11 protocol, with two changes: bytes that are not HTTP get a JSON 4xx and one
+    log line, and a client that connects (or starts a request head) and then sends nothing is
+    dropped after the keep-alive timeout instead of being held forever.
+
+    h11 rather than httptools: it hands unknown methods to the app (a JSON 405, where llhttp
+    refuses them as unparseable), and it is uvicorn's own dependency."""
+
+    _head = b""
+    """The start of the request head being received, to name its method and path in the log
+    line when h11 refuses the rest."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_idle_timer()
+
+    def data_received(self, data: bytes) -> None:
+        waiting = self.cycle is None or self.cycle.response_complete
+        if waiting:
+            self._head = (self._head + data)[:_HEAD_KEPT]
+        super().data_received(data)
+        if self.cycle is None or self.cycle.response_complete:
+            self._arm_idle_timer()  # half a request head waits for the rest, not forever
+        else:
+            self._head = b""
+
+    def _arm_idle_timer(self) -> None:
+        if self.timeout_keep_alive_task is None and not self.transport.is_closing():
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
+
+    def send_400_response(self, msg: str) -> None:
+        exc = sys.exc_info()[1]  # uvicorn calls this while it handles h11's parse error
+        status, reason = 400, msg
+        if isinstance(exc, h11.RemoteProtocolError):
+            reason = f"not a valid HTTP request: {exc}"
+            if 400 <= exc.error_status_hint < 500:  # 431: the head is too large
+                status = exc.error_status_hint
+        line = _REQUEST_LINE.match(self._head)
+        method, path = (line.group(1), line.group(2)) if line else (b"-", b"-")
+        self._head = b""
+        log.warning(
+            "%s %s %s %d %s",
+            _address(self.client),
+            _one_line(method.decode("ascii", "replace")),
+            _one_line(path.decode("ascii", "replace")),
+            status,
+            _one_line(reason),
+        )
+        body = json.dumps(RequestError(status, reason, code="invalid_http").body).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        phrase = HTTPStatus(status).phrase.encode()
+        try:
+            for event in (
+                h11.Response(status_code=status, headers=headers, reason=phrase),
+                h11.Data(data=body),
+                h11.EndOfMessage(),
+            ):
+                if data := self.conn.send(event):
+                    self.transport.write(data)
+        except h11.LocalProtocolError:
+            pass  # a response was already under way (a bad chunk after an early 413): just close
+        self.transport.close()
+
+
+class _QuietUvicorn(logging.Filter):
+    """uvicorn's (and asyncio's) log: drop what the request log already says, and fold any
+    exception into its one line (no traceback in the server's log)."""
+
+    NOISE = (
+        "Invalid HTTP request received.",  # _Protocol logs the status and h11's reason
+        "Unsupported upgrade request.",
+        "No supported WebSocket library detected",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith(self.NOISE):
+            return False
+        if record.exc_info:
+            exc = record.exc_info[1]
+            record.msg, record.args = f"{record.getMessage()}: {exc!r}", None
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def _quiet_uvicorn() -> None:
+    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # no banner: the CLI has one
+    # asyncio's logger reports what fails in a protocol callback, with a traceback.
+    for name in ("uvicorn.error", "asyncio"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _QuietUvicorn) for f in logger.filters):
+            logger.addFilter(_QuietUvicorn())
+
+
+class _Uvicorn(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # `run` owns SIGINT/SIGTERM: uvicorn's handler re-raises the signal after shutting down,
+        # which would end a clean stop in a KeyboardInterrupt.
+        yield
+
+
 class Server:
-    """A bound server: `url` to tell the user, `serve_forever` until `shutdown`."""
+    """A bound server: `url` to tell the user, `serve` until `stop` (or use `run`)."""
 
-    httpd: _Server
-    service: CompletionService
-    inflight: Inflight
+    def __init__(self, sock: socket.socket, service: CompletionService, app: ASGIApp) -> None:
+        self.sock = sock
+        self.service = service
+        config = uvicorn.Config(
+            app,
+            http=_Protocol,
+            ws="none",
+            lifespan="off",
+            interface="asgi3",
+            log_config=None,
+            access_log=False,  # _RequestLog writes albor's line
+            proxy_headers=False,
+            server_header=False,
+            timeout_keep_alive=math.ceil(service.limits.timeout_s),
+            timeout_graceful_shutdown=_GRACE_S,
+        )
+        self._uvicorn = _Uvicorn(config)
 
     @property
     def url(self) -> str:
-        host, port = self.httpd.server_address[:2]
+        host, port = self.sock.getsockname()[:2]
         host = str(host)
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
-    def serve_forever(self) -> None:
-        self.httpd.serve_forever(poll_interval=0.2)
+    def serve(self) -> None:
+        """Answer requests until `stop`; then finish the running one and end the worker."""
 
-    def shutdown(self, grace_s: float = 60.0) -> None:
-        """Stop accepting, finish the running request, refuse the queued ones, close."""
-        self.service.stop()
-        self.inflight.wait_idle(grace_s)
-        self.httpd.server_close()
+        async def main() -> None:
+            try:
+                await self._uvicorn.serve(sockets=[self.sock])
+            finally:
+                await asyncio.to_thread(self.service.stop)
+
+        asyncio.run(main())
+
+    def stop(self) -> None:
+        """Stop accepting and answer the queued requests 503; `serve` returns once the running
+        one is done. From any thread, not from a signal handler (`run` takes care of that)."""
+        self.service.begin_stop()
+        self._uvicorn.should_exit = True
 
 
 def create_server(
@@ -639,32 +485,25 @@ def create_server(
     fim_mode: Mode = "psm",
     heal: bool = True,
 ) -> Server:
-    """Bind `host:port` (0: any free port) and start the generation worker."""
+    """Bind `host:port` (0: any free port; IPv6 when `host` has a colon) and start the
+    generation worker."""
     limits = limits or Limits()
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)  # connections made before `serve` wait rather than fail
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
     backend.token_texts()  # token healing's table, built now rather than in the first request
     service = CompletionService(backend, limits, fim_mode=fim_mode, heal=heal)
-    inflight = Inflight()
-    handler = type(
-        "BoundHandler",
-        (Handler,),
-        {
-            "service": service,
-            "api_key": api_key or None,
-            "inflight": inflight,
-            "timeout": limits.timeout_s,
-        },
-    )
-    cls = _Server6 if ":" in host else _Server
-    try:
-        httpd = cls((host, port), handler)
-    except OSError as e:
-        service.stop()
-        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
-    return Server(httpd, service, inflight)
+    _quiet_uvicorn()
+    return Server(sock, service, create_app(service, api_key or None))
 
 
 def run(server: Server, on_stop: Callable[[str], None] | None = None) -> None:
-    """Serve until SIGINT or SIGTERM, then shut down gracefully (see `Server.shutdown`)."""
+    """Serve until SIGINT or SIGTERM, then shut down gracefully (see `Server.stop`)."""
     stopped = threading.Event()
 
     def handle(signum: int, _frame: object) -> None:
@@ -673,16 +512,15 @@ def run(server: Server, on_stop: Callable[[str], None] | None = None) -> None:
         stopped.set()
         if on_stop is not None:
             on_stop(signal.Signals(signum).name)
-        # shutdown() waits for serve_forever to return: it must run off this (its) thread.
-        threading.Thread(target=server.httpd.shutdown, daemon=True).start()
+        # Off this thread: the signal may have interrupted it holding the queue's lock.
+        threading.Thread(target=server.stop, daemon=True).start()
 
     old = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             old[sig] = signal.signal(sig, handle)
     try:
-        server.serve_forever()
+        server.serve()
     finally:
-        server.shutdown()
         for sig, h in old.items():
             signal.signal(sig, h)
