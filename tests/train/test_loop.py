@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -73,11 +75,14 @@ class Spy:
         )
 
 
-def run(tmp_path: Path, s: LoopSettings, spy: Spy | None = None) -> tuple[GPT, list[float]]:
+def train_tiny(
+    tmp_path: Path, s: LoopSettings, objective_for: Callable[[torch.optim.Optimizer], Any] | None
+) -> tuple[GPT, torch.optim.Optimizer, list[dict[str, Any]], LoopResult]:
+    """Train the tiny preset on the cycling sampler; the model, optimizer, metrics lines, result."""
     torch.manual_seed(0)
     model = GPT(preset("tiny"))
     opt = build_adamw(model, s.lr, 0.1, (0.9, 0.95), 1e-8, CPU)
-    train(
+    result = train(
         model,
         opt,
         cycle_sampler(),
@@ -86,9 +91,14 @@ def run(tmp_path: Path, s: LoopSettings, spy: Spy | None = None) -> tuple[GPT, l
         run_dir=tmp_path,
         eos_token_id=0,
         extra_files=[],
-        objective=spy,
+        objective=objective_for(opt) if objective_for else None,
     )
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    return model, opt, lines, result
+
+
+def run(tmp_path: Path, s: LoopSettings, spy: Spy | None = None) -> tuple[GPT, list[float]]:
+    model, opt, lines, _ = train_tiny(tmp_path, s, (lambda _: spy) if spy else None)
     for state in opt.state.values():  # fp32 optimizer whatever the precision
         assert all(v.dtype == torch.float32 for v in state.values())
     return model, [r["loss"] for r in lines if "loss" in r]
@@ -295,23 +305,14 @@ def same(a: Snapshot, b: Snapshot) -> bool:
 def faulty_run(
     tmp_path: Path, s: LoopSettings, **faults: set[int]
 ) -> tuple[Faulty, list[dict[str, float]], LoopResult]:
-    torch.manual_seed(0)
-    model = GPT(preset("tiny"))
-    opt = build_adamw(model, s.lr, 0.1, (0.9, 0.95), 1e-8, CPU)
-    spy = Faulty(opt, **faults)
-    result = train(
-        model,
-        opt,
-        cycle_sampler(),
-        s,
-        device=CPU,
-        run_dir=tmp_path,
-        eos_token_id=0,
-        extra_files=[],
-        objective=spy,
-    )
-    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    return spy, [r for r in lines if "loss" in r], result
+    made: list[Faulty] = []
+
+    def objective_for(opt: torch.optim.Optimizer) -> Faulty:
+        made.append(Faulty(opt, **faults))
+        return made[0]
+
+    _, _, lines, result = train_tiny(tmp_path, s, objective_for)
+    return made[0], [r for r in lines if "loss" in r], result
 
 
 def test_nonfinite_losses_are_skipped_counted_and_reset_by_a_finite_step(tmp_path: Path) -> None:
