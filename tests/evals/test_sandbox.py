@@ -524,3 +524,36 @@ def _own_tempdirs() -> list[str]:
     root = Path(tempfile.gettempdir())
     lo = slot_uid(0)
     return [str(p) for p in root.glob("albor-sandbox-*") if lo <= p.stat().st_uid < lo + SLOTS]
+
+
+def test_an_interpreter_that_lives_under_tmp_runs_in_the_sandbox(
+    tmp_path: Path, contained: None
+) -> None:
+    """A virtual environment made under /tmp (as CI makes its fresh ones) must stay visible inside
+    the sandbox, whose own directory is mounted as /tmp."""
+    venv = Path("/tmp") / f"albor-venv-{uuid.uuid4().hex[:8]}"
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
+        code = src(
+            """
+            import json, sys
+            from albor.evals.sandbox import Sandbox, isolation
+            r = Sandbox(workers=1).run("import sys\\nprint(sys.prefix)")
+            print(json.dumps([isolation().mode, r.passed, r.output.strip()]))
+            """
+        )
+        # The parent finds albor and its dependencies on PYTHONPATH; the sandboxed interpreter
+        # runs isolated (-I) and sees only its own prefix.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        done = subprocess.run(
+            [venv / "bin" / "python", "-c", code],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout.splitlines()[-1]) == ["bwrap", True, str(venv)]
+    finally:
+        shutil.rmtree(venv, ignore_errors=True)

@@ -216,6 +216,9 @@ def _bwrap(uid: int, root: bool, work: str, site_packages: bool) -> list[str]:
         cmd += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP"]
     else:
         cmd += ["--unshare-user"]
+    # The sample's directory first: an interpreter that lives under /tmp itself (a virtual
+    # environment made there) is bound on top of it below, instead of hidden by it.
+    cmd += ["--bind", work, BWRAP_HOME]
     # bwrap makes the parents of a mount point 0700; the dedicated uid must traverse them.
     parents = {os.path.dirname(p) for p in [*binds, *(link for _, link in links)]}
     ancestors: set[str] = set()
@@ -232,7 +235,7 @@ def _bwrap(uid: int, root: bool, work: str, site_packages: bool) -> list[str]:
     if not site_packages:
         for d in packages:
             cmd += ["--tmpfs", d, "--remount-ro", d]
-    cmd += ["--bind", work, BWRAP_HOME, "--dev", "/dev", "--proc", "/proc"]
+    cmd += ["--dev", "/dev", "--proc", "/proc"]
     # No --chdir: the harness enters BWRAP_HOME itself (see there).
     cmd += ["--remount-ro", "/dev", "--remount-ro", "/", "--"]
     if root:
