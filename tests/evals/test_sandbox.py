@@ -530,7 +530,7 @@ def test_an_interpreter_that_lives_under_tmp_runs_in_the_sandbox(
     tmp_path: Path, contained: None
 ) -> None:
     """A virtual environment made under /tmp (as CI makes its fresh ones) must stay visible inside
-    the sandbox, whose own directory is mounted as /tmp."""
+    the sandbox, whose /tmp is its own."""
     venv = Path("/tmp") / f"albor-venv-{uuid.uuid4().hex[:8]}"
     try:
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)

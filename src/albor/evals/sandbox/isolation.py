@@ -4,8 +4,9 @@ each leaves uncontained, and the command line that starts a sample's interpreter
 Modes, strongest first:
 - `bwrap` (bubblewrap, root or not): a new root filesystem that holds only the interpreter's files
   (sys.prefix, sys.base_prefix, the executable's directories) and the shared libraries (/usr/lib,
-  /lib*), read-only, with site-packages hidden unless `site_packages` is on, and the sample's own
-  directory as /tmp: its cwd, HOME and TMPDIR and the only place it can write. A fresh /dev and
+  /lib*), read-only, with site-packages hidden unless `site_packages` is on, an empty read-only
+  /tmp, and the sample's own directory at its own path: its cwd, HOME and TMPDIR and the only
+  place it can write. A fresh /dev and
   /proc, new network, PID, IPC, UTS (and cgroup) namespaces, no capabilities; as root, a dedicated
   unprivileged uid per worker slot besides (`setpriv` inside the sandbox: the kernel exempts uid 0
   from RLIMIT_NPROC even when it is mapped into a user namespace, so `--uid` would not do).
@@ -45,8 +46,6 @@ MODES: tuple[Mode, ...] = ("bwrap", "namespaces", "uid", "userns", "plain")
 # counts per uid, and leftovers are swept by uid). Far above any login or container uid range.
 _UID_BASE = 0x5A00_0000
 SLOTS = 0x200
-# Where the sample's own directory appears inside a bwrap sandbox.
-BWRAP_HOME = "/tmp"
 _INSTALL_HINT = "install bubblewrap (apt-get install bubblewrap) to contain samples fully"
 # Library directories bound read-only into a bwrap sandbox (those that exist; symlinks stay links).
 _LIBRARY_DIRS = (
@@ -216,11 +215,13 @@ def _bwrap(uid: int, root: bool, work: str, site_packages: bool) -> list[str]:
         cmd += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP"]
     else:
         cmd += ["--unshare-user"]
-    # The sample's directory first: an interpreter that lives under /tmp itself (a virtual
-    # environment made there) is bound on top of it below, instead of hidden by it.
-    cmd += ["--bind", work, BWRAP_HOME]
+    # A private /tmp first: an interpreter that lives under /tmp (a virtual environment made
+    # there) is bound on top of it below instead of hidden by it. It is made read-only at the end,
+    # so the sample writes only its own directory, which keeps its host path (under /tmp, or
+    # wherever the host's TMPDIR is) and holds nothing but what the sample wrote.
+    cmd += ["--tmpfs", "/tmp"]
     # bwrap makes the parents of a mount point 0700; the dedicated uid must traverse them.
-    parents = {os.path.dirname(p) for p in [*binds, *(link for _, link in links)]}
+    parents = {os.path.dirname(p) for p in [*binds, *(link for _, link in links), work]}
     ancestors: set[str] = set()
     for p in parents:
         while p not in ("/", ""):
@@ -235,17 +236,12 @@ def _bwrap(uid: int, root: bool, work: str, site_packages: bool) -> list[str]:
     if not site_packages:
         for d in packages:
             cmd += ["--tmpfs", d, "--remount-ro", d]
-    cmd += ["--dev", "/dev", "--proc", "/proc"]
-    # No --chdir: the harness enters BWRAP_HOME itself (see there).
-    cmd += ["--remount-ro", "/dev", "--remount-ro", "/", "--"]
+    cmd += ["--bind", work, work, "--dev", "/dev", "--proc", "/proc"]
+    # No --chdir: the harness enters its directory itself (see there).
+    cmd += ["--remount-ro", "/tmp", "--remount-ro", "/dev", "--remount-ro", "/", "--"]
     if root:
         cmd += _setpriv(uid, read_caps=False)
     return cmd
-
-
-def home(iso: Isolation, work: str) -> str:
-    """The sample's directory (cwd, HOME, TMPDIR) as the sample sees it."""
-    return BWRAP_HOME if iso.mode == "bwrap" else work
 
 
 def command(iso: Isolation, uid: int, work: str, site_packages: bool) -> list[str]:
@@ -278,7 +274,7 @@ def _probe(iso: Isolation) -> str | None:
         # Python's standard library, or to none, so the probe compares where it landed.
         code = "import json, os, sys; print(json.dumps([sys.prefix, sys.version, os.getuid()]))"
         cmd = [*command(iso, uid, work, True), "-c", code]
-        here = home(iso, work)
+        here = work
         try:
             done = subprocess.run(
                 cmd,

@@ -29,7 +29,7 @@ from pydantic import Field
 from albor import progress
 from albor.config import StageConfig
 from albor.evals.sandbox.harness import HARNESS
-from albor.evals.sandbox.isolation import SLOTS, Mode, command, home, isolation, slot_uid
+from albor.evals.sandbox.isolation import SLOTS, Mode, command, isolation, slot_uid
 
 Status = Literal["passed", "failed", "timeout", "error"]
 
@@ -263,7 +263,7 @@ class Sandbox:
             "nonce_fd": nonce_r,
             "result_fd": result_w,
         }
-        here = home(iso, work)
+        here = work
         env = {"HOME": here, "TMPDIR": here, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
         cmd = [*command(iso, uid, work, self.limits.site_packages), "-c", HARNESS]
         timed_out = False
