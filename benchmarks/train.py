@@ -35,8 +35,10 @@ from albor.data.windows import WindowSampler
 from albor.model.estimate import flops_per_token, param_count
 from albor.model.gpt import GPT
 from albor.model.presets import preset
-from albor.train.loop import LoopSettings, Precision, train
+from albor.train.checkpoint import FullCheckpointer
+from albor.train.loop import train
 from albor.train.optim import build_adamw
+from albor.train.settings import Precision, TrainSettings
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Dense datasheet peaks (TFLOP/s) of GPUs this benchmark is run on, by a substring of their name.
@@ -82,7 +84,7 @@ def albor_loop(
 ) -> float:
     """Seconds of `steps` steps after `warmup` steps, from the loop's own metrics log."""
     opt = build_adamw(model, 1e-3, 0.1, (0.9, 0.95), 1e-8, device)
-    settings = LoopSettings(
+    settings = TrainSettings(
         max_steps=warmup + steps,
         warmup_steps=1,
         lr=1e-3,
@@ -106,8 +108,7 @@ def albor_loop(
             settings,
             device=device,
             run_dir=Path(d),
-            eos_token_id=0,
-            extra_files=[],
+            checkpointer=FullCheckpointer(eos_token_id=0),
         )
         lines = [json.loads(x) for x in (Path(d) / "metrics.jsonl").read_text().splitlines()]
     elapsed = {r["step"]: r["elapsed_s"] for r in lines if "elapsed_s" in r}

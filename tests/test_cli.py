@@ -20,6 +20,7 @@ def test_verbs_match_registry() -> None:
     for kind in REGISTRY:
         module = load_stage(kind)
         assert kind == module.NAME
+        assert not hasattr(module, "DESCRIPTION"), "stage.DESCRIPTIONS is the one table"
         for attr in ("Config", "plan", "apply", "INPUTS"):
             assert hasattr(module, attr), f"{kind} lacks {attr}"
         for field in module.INPUTS:

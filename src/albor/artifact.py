@@ -1,4 +1,9 @@
-"""Artifact directories: hashing, atomic writes, and the `manifest.json` every stage output carries.
+"""Artifact directories: naming, hashing, atomic writes, and the `manifest.json` every stage output
+carries.
+
+A stage builds its output `NAME` in the work dir `.NAME.partial` beside it (hidden, so listings
+and `find_artifacts` pass it by) and swaps it in when done; `partial_dir` and `output_dir_for`
+are the one spelling of that rule.
 
 A manifest records the stage, the resolved config, the inputs (path + digest), the outputs
 (path + sha256 + size), counts (in / kept / rejected by reason), metrics, versions and wall time.
@@ -21,7 +26,25 @@ from albor.errors import ArtifactError
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+PARTIAL_SUFFIX = ".partial"
 _CHUNK = 1 << 20
+
+
+def partial_dir(output: Path) -> Path:
+    """The work dir a stage writes `output` in before swapping it in: `.NAME.partial` beside it."""
+    return output.parent / f".{output.name}{PARTIAL_SUFFIX}"
+
+
+def output_dir_for(run_dir: Path) -> Path:
+    """Where a dir ends up (absolute): a `.NAME.partial` work dir becomes `NAME`; any other dir is
+    its own output."""
+    run_dir = Path(run_dir).absolute()
+    name = run_dir.name
+    if name.startswith(".") and name.endswith(PARTIAL_SUFFIX):
+        stem = name[1 : -len(PARTIAL_SUFFIX)]
+        if stem:
+            return run_dir.with_name(stem)
+    return run_dir
 
 
 def sha256_file(path: Path) -> str:
@@ -34,6 +57,18 @@ def sha256_file(path: Path) -> str:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def sha256_tree(path: Path) -> str:
+    """One digest of a file or of every file under a directory: sha256 over each file's path
+    (relative; a lone file's name) and sha256, in sorted order, so that a renamed, added or
+    changed file changes it."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        h.update(str(f.relative_to(path) if f != path else f.name).encode())
+        h.update(bytes.fromhex(sha256_file(f)))
+    return h.hexdigest()
 
 
 def canonical_json(data: Any) -> str:

@@ -1,12 +1,14 @@
 """The stage protocol and the runner that gives every stage the same guarantees.
 
 A stage is a module under `albor.stages` exporting:
-  NAME, DESCRIPTION   its type name (as used in manifests and on the command line) and one line
+  NAME                its type name (as used in manifests and on the command line)
   Config              a `StageConfig` with an `output` field and the input fields listed in INPUTS
   INPUTS              names of the Config fields that are paths to upstream artifacts, in order
   plan(cfg, ctx)      -> Plan: pure checks and estimates
   apply(cfg, ctx)     -> Outcome: writes its files into `ctx.out`
 and optionally `source_state(cfg)`, extra fingerprint data for inputs that are not artifacts.
+Its one-line description is in `DESCRIPTIONS` here, beside `REGISTRY`, so that `albor --help`
+lists every stage without importing one.
 
 `run_stage` plans, skips the work when the fingerprint (stage type + resolved config + input
 digests + albor version) matches the existing output, otherwise applies into a `.NAME.partial`
@@ -41,6 +43,7 @@ from albor.artifact import (
     describe_outputs,
     outputs_digest,
     outputs_present,
+    partial_dir,
     read_manifest,
     sha256_bytes,
     verify_outputs,
@@ -67,10 +70,11 @@ REGISTRY: dict[str, str] = {
     "export": "albor.stages.export",
 }
 
-# One line per stage type for `albor --help`, kept here so help never imports a stage.
+# One line per stage type for `albor --help`; the only copy (a stage module carries none), kept
+# here so help never imports a stage.
 DESCRIPTIONS: dict[str, str] = {
-    "ingest": "Read .py files (stdlib, dirs, globs, git checkouts, Parquet/JSONL, cached HF "
-    "datasets) into a Parquet corpus.",
+    "ingest": "Read .py files (stdlib, dirs, globs, git checkouts), Parquet, JSONL or cached HF "
+    "datasets into a Parquet corpus.",
     "clean": "Drop documents that fail code-aware quality filters; count every reason.",
     "dedup": "Remove exact and near-duplicate documents (MinHash LSH); one survivor per cluster.",
     "decontaminate": "Drop documents sharing n-grams with benchmark prompts or solutions.",
@@ -174,8 +178,8 @@ def input_fields(module: ModuleType) -> tuple[str, ...]:
 
 # Settings that change how a stage runs but not what it writes (its tests hold it to that), left
 # out of the fingerprint so that changing them neither re-runs a stage nor discards the progress
-# of an interrupted one.
-RUNTIME_FIELDS = frozenset({"output", "batch_rows", "workers", "threads", "prefetch"})
+# of an interrupted one. `target` (the GPU a training plan is judged against) changes only the plan.
+RUNTIME_FIELDS = frozenset({"output", "batch_rows", "workers", "threads", "prefetch", "target"})
 
 
 def result_config(cfg: StageConfig) -> dict[str, Any]:
@@ -202,10 +206,6 @@ def fingerprint(module: ModuleType, cfg: StageConfig) -> str:
         }
     )
     return sha256_bytes(blob.encode())
-
-
-def partial_dir(output: Path) -> Path:
-    return output.parent / f".{output.name}.partial"
 
 
 @dataclass

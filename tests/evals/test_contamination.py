@@ -17,7 +17,10 @@ from albor.evals import benchmarks as bench
 from albor.evals.contamination import (
     NgramIndex,
     build_index,
+    check_benchmarks,
     gram_hashes,
+    index_benchmarks,
+    scan,
     token_hashes,
     tokens,
 )
@@ -184,3 +187,41 @@ def test_index_arrays_are_uint64() -> None:
     index = build_index([("b", "t", "one two three four five")], 2)
     shared = index.shared("three four five six")
     assert shared.dtype == np.uint64 and len(shared) == 2
+
+
+def test_index_check_and_scan_benchmark_files(tmp_path: Path) -> None:
+    mine = write_jsonl(
+        tmp_path / "mine.jsonl",
+        [
+            {"task_id": "1", "prompt": "def spread_the_butter(knife, bread): return knife"},
+            {"task_id": "2", "prompt": "return x + y"},  # under 5 tokens
+        ],
+    )
+    short = write_jsonl(tmp_path / "short.jsonl", [{"task_id": "s", "prompt": "pass"}])
+    specs = [
+        bench.BenchmarkConfig(name="mine", path=mine, fields=["prompt"]),
+        bench.BenchmarkConfig(name="gone", path=tmp_path / "gone.jsonl", fields=["prompt"]),
+        bench.BenchmarkConfig(name="short", path=short, fields=["prompt"]),
+    ]
+    with pytest.raises(DataError, match=r"gone\.jsonl: benchmark file not found"):
+        index_benchmarks(specs, 5)
+    index, loaded, checks = check_benchmarks(specs, 5)
+    assert list(loaded) == ["mine", "short"]
+    # One check per benchmark, in the config's order; a benchmark nothing can match fails.
+    assert [(name, ok) for name, ok, _ in checks] == [
+        ("mine", True),
+        ("gone", False),
+        ("short", False),
+    ]
+    assert "2 problems" in checks[0][2] and "1 text(s) under 5 tokens skipped" in checks[0][2]
+    assert "benchmark file not found" in checks[1][2]
+    assert "lower `ngram` or set `short_texts: whole`" in checks[2][2]
+    docs = [
+        "x = 1",
+        "def spread_the_butter(knife, bread):\n    return knife  # copied",
+        "spread the butter with a knife and bread",  # the words, not the identifier
+    ]
+    found = scan(index.ready(), docs)
+    assert [(offset, hit.task_ids) for offset, hit in found] == [(1, ["1"])]
+    assert found[0][1].shared == 2  # 6 tokens (an identifier is one): 2 distinct 5-grams
+    assert scan(index, docs, min_matches=3) == []

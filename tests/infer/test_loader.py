@@ -20,9 +20,10 @@ from albor.infer.engine import (
     generate,
     make_prompt,
 )
-from albor.infer.loader import GGUFBackend, find_models, load, resolve
+from albor.infer.loader import GGUFBackend, load
 from albor.model.gguf import write_gguf
-from albor.model.hf import load_pretrained, save_pretrained
+from albor.model.hf import save_pretrained
+from albor.model.load import find_models, load_model, resolve
 
 PREFIXES = ["def add(a, b):\n    return", "import os\n", "class Queue:\n    def "]
 
@@ -47,7 +48,7 @@ def test_load_an_albor_checkpoint(trained_model: Path) -> None:
 
 
 def test_sharded_checkpoint_generates_the_same(trained_model: Path, tmp_path: Path) -> None:
-    model, cfg = load_pretrained(trained_model)
+    model, cfg = load_model(trained_model)
     out = tmp_path / "sharded"
     written = save_pretrained(model, cfg, out, eos_token_id=0, max_shard_bytes=60_000)
     assert (out / "model.safetensors.index.json") in written

@@ -59,6 +59,22 @@ def test_ignore_index_masks_positions() -> None:
     torch.testing.assert_close(model(idx, targets=targets), full)
 
 
+def test_sum_reduction_is_the_mean_times_the_counted_tokens() -> None:
+    model = _tiny()
+    idx = torch.randint(0, 512, (2, 16))
+    targets = idx.clone()
+    targets[0, 5:] = -100  # uneven rows: 5 + 16 counted tokens
+    with torch.no_grad():
+        mean = model(idx, targets=targets)
+        total = model(idx, targets=targets, reduction="sum")
+        by_hand = torch.nn.functional.cross_entropy(
+            model(idx).float().reshape(-1, 512), targets.reshape(-1), reduction="none"
+        )
+    assert total.ndim == 0 and total.dtype == torch.float32
+    torch.testing.assert_close(total, mean * 21)
+    torch.testing.assert_close(total, by_hand.sum())
+
+
 def test_a_few_adamw_steps_lower_the_loss() -> None:
     model = _tiny()
     idx = torch.randint(0, 512, (2, 17))
@@ -86,6 +102,33 @@ def test_kv_cache_matches_full_forward(bias: bool) -> None:
         parts.append(model(idx[:, 16:], cache=cache))  # a chunk after a cached prefix
     assert cache.pos == 24
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_left_padded_rows_decode_as_if_alone() -> None:
+    # Batched decoding: rows of different lengths left-padded into one batch, each with its own
+    # RoPE positions and its padding slots masked, give each prompt's logits alone.
+    model = _tiny().eval()
+    rows = [[5, 17, 300, 2, 9, 11], [7, 8], [40, 41, 42, 43]]
+    width = max(map(len, rows))
+    pad = torch.tensor([width - len(r) for r in rows])
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    positions = (torch.arange(width)[None] - pad[:, None]).clamp(min=0)
+    real = torch.arange(width + 3)[None] >= pad[:, None]
+    nxt = torch.tensor([[3], [4], [5]])
+    with torch.no_grad():
+        cache = model.new_cache(3, width + 3)
+        seen = real[:, :width]
+        last = model(ids, cache=cache, positions=positions, key_mask=seen, last_only=True)
+        step = model(
+            nxt, cache=cache, positions=(width - pad)[:, None], key_mask=real[:, : width + 1]
+        )
+        for i, r in enumerate(rows):
+            alone = model(torch.tensor([[*r, int(nxt[i])]]))[0]
+            torch.testing.assert_close(last[i, 0], alone[-2], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(step[i, 0], alone[-1], rtol=1e-5, atol=1e-5)
+    assert last.shape == (3, 1, 512) and cache.pos == width + 1
+    with pytest.raises(ValueError, match="last_only"):
+        model(ids, targets=ids, last_only=True)
 
 
 def test_cache_and_context_limits() -> None:

@@ -17,11 +17,12 @@ from safetensors.torch import load_file
 
 from albor.artifact import read_manifest
 from albor.errors import StageFailed
-from albor.model.estimate import memory_budget
+from albor.model.estimate import format_bytes, memory_budget
 from albor.stage import PlanContext, load_stage, run_stage
 from albor.stages import pretrain
-from albor.train import checkpoint
-from albor.train.loop import NextToken
+from albor.train import checkpoint, objectives
+from albor.train.objectives import NextToken
+from albor.train.settings import model_config
 from helpers import pretrain_config, run
 
 
@@ -94,7 +95,7 @@ def test_plan_memory_follows_precision_and_activation_checkpointing(
         assert p.ok, p.summary()
         return str(p.estimates["memory"]["activations"])
 
-    mc = pretrain.model_config(tiny(token_data, tmp_path))
+    mc = model_config(tiny(token_data, tmp_path))
     for kw, precision in [
         ({}, "fp32"),
         ({"precision": "bf16"}, "bf16-mixed"),
@@ -108,7 +109,7 @@ def test_plan_memory_follows_precision_and_activation_checkpointing(
             precision=precision,
             activation_checkpointing=bool(kw.get("activation_checkpointing")),
         )
-        assert activations(**kw) == pretrain.format_bytes(budget["activations"]), kw
+        assert activations(**kw) == format_bytes(budget["activations"]), kw
     assert len({activations(), activations(precision="bf16")}) == 2
 
 
@@ -219,9 +220,7 @@ def test_apply_trains_and_writes_an_hf_checkpoint(token_data: Path, straight: Pa
 def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_still_matches(
     token_data: Path, tmp_path: Path, straight: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from albor.train import loop
-
-    real = loop.checkpoint.save
+    real = checkpoint.save
 
     def crash_after_step_40(*args: Any, **kw: Any) -> Path:
         path = real(*args, **kw)
@@ -230,10 +229,10 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_still_matches(
         return path
 
     cfg = tiny(token_data, tmp_path / "out", **RESUMABLE)
-    monkeypatch.setattr(loop.checkpoint, "save", crash_after_step_40)
+    monkeypatch.setattr(checkpoint, "save", crash_after_step_40)
     with pytest.raises(StageFailed, match="simulated crash"):
         run_stage(load_stage("pretrain"), cfg)
-    monkeypatch.setattr(loop.checkpoint, "save", real)
+    monkeypatch.setattr(checkpoint, "save", real)
     assert not (tmp_path / "out").exists()  # nothing half-written in place
     damaged = tmp_path / ".out.partial" / "checkpoints" / "step-0000040" / "optimizer.pt"
     data = bytearray(damaged.read_bytes())
@@ -346,9 +345,7 @@ QUICK: dict[str, Any] = dict(max_steps=12, eval_tokens=0, checkpoint_every=100, 
 def test_skipped_steps_are_counted_in_the_manifest(
     token_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from albor.train import loop
-
-    monkeypatch.setattr(loop, "NextToken", lambda: NaNAt({2, 3, 7}))
+    monkeypatch.setattr(objectives, "NextToken", lambda: NaNAt({2, 3, 7}))
     cfg = tiny(token_data, tmp_path / "out", max_bad_steps=3, **QUICK)
     run_stage(load_stage("pretrain"), cfg)
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())["metrics"]

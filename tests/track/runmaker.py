@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from albor.artifact import atomic_write_json
+from albor.track import metrics
 
 TOKENS_PER_STEP = 2048
 
@@ -68,9 +68,9 @@ def metric_lines(
 
 def write_metrics(run_dir: Path, lines: list[dict[str, Any]], mode: str = "w") -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "metrics.jsonl", mode, encoding="utf-8") as f:
+    with open(run_dir / metrics.METRICS_FILE, mode, encoding="utf-8") as f:
         for rec in lines:
-            f.write(json.dumps(rec) + "\n")
+            metrics.append(f, rec)
 
 
 def make_run_dir(

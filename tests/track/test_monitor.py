@@ -10,7 +10,7 @@ import pytest
 from rich.console import Console
 
 from albor.errors import ArtifactError
-from albor.track.monitor import MetricsTail, Monitor, Snapshot, dashboard, find_run_dir
+from albor.track.monitor import Monitor, Snapshot, dashboard, find_run_dir
 from albor.track.runs import RunTracker
 from track.runmaker import (
     TOKENS_PER_STEP,
@@ -25,20 +25,6 @@ def render(snap: Snapshot, width: int = 100) -> str:
     console = Console(record=True, width=width, color_system=None)
     console.print(dashboard(snap, width))
     return console.export_text()
-
-
-def test_tail_reads_only_new_complete_lines(tmp_path: Path) -> None:
-    path = tmp_path / "metrics.jsonl"
-    tail = MetricsTail(path)
-    assert tail.read() == ([], False)  # not there yet
-    path.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "lo')
-    assert tail.read() == ([{"step": 1, "loss": 3.0}], False)
-    with open(path, "a") as f:
-        f.write('ss": 2.5}\n')
-    assert tail.read() == ([{"step": 2, "loss": 2.5}], False)
-    assert tail.read() == ([], False)
-    path.write_text('{"step": 1, "loss": 3.0}\n')  # a resume rewrote it shorter
-    assert tail.read() == ([{"step": 1, "loss": 3.0}], True)
 
 
 def test_snapshot_of_a_finished_run(tmp_path: Path) -> None:

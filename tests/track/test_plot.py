@@ -10,8 +10,15 @@ import matplotlib.figure
 import pytest
 
 from albor.track import plot
-from albor.track.plot import BLOCKS, braille_chart, bucket, sparkline, write_loss_plot
-from track.runmaker import make_run_dir
+from albor.track.plot import (
+    BLOCKS,
+    braille_chart,
+    bucket,
+    read_curves,
+    sparkline,
+    write_loss_plot,
+)
+from track.runmaker import make_run_dir, write_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -37,6 +44,25 @@ def test_braille_chart_shape() -> None:
     assert lines[0].plain.lstrip().startswith("10┤") and "step 0" in lines[-1].plain
     assert sum(ch != " " for line in lines[:-1] for ch in line.plain.split("┤", 1)[1]) > 30
     assert braille_chart([[]], 60, 8)[0].plain == "(no data yet)"
+
+
+def test_curves_skip_skipped_steps_and_text(tmp_path: Path) -> None:
+    write_metrics(
+        tmp_path,
+        [
+            {"step": 1, "loss": 3.0, "lr": 1e-4},
+            {"step": 2, "loss": float("nan"), "lr": 2e-4},  # skipped: written as null
+            {"step": 2, "event": "resume", "checkpoint": "step-0000002"},
+            {"step": 3, "loss": 2.5, "lr": 3e-4},
+        ],
+    )
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": NaN}\n{"step": 5, "lo')  # an old log's NaN, a torn line
+    curves = read_curves(tmp_path)
+    assert curves == {
+        "loss": [(1.0, 3.0), (3.0, 2.5)],
+        "lr": [(1.0, 1e-4), (2.0, 2e-4), (3.0, 3e-4)],
+    }
 
 
 def test_loss_png_is_written(tmp_path: Path) -> None:

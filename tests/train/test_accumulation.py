@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from albor.model.config import ModelConfig
 from albor.model.gpt import GPT
-from albor.train.loop import NextToken, accumulate
+from albor.train.loop import accumulate
+from albor.train.objectives import NextToken
 from albor.train.optim import build_adamw
 
 CPU = torch.device("cpu")

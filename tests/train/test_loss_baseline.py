@@ -24,8 +24,10 @@ import torch
 from albor.data.windows import WindowSampler
 from albor.model.gpt import GPT
 from albor.model.presets import preset
-from albor.train.loop import LoopSettings, train
+from albor.train.checkpoint import FullCheckpointer
+from albor.train.loop import train
 from albor.train.optim import build_adamw
+from albor.train.settings import TrainSettings
 
 BASELINE = Path(__file__).with_name("loss_baseline.json")
 STEPS = 40
@@ -68,7 +70,7 @@ def run_baseline(tmp_path: Path) -> list[float]:
     model = GPT(preset("tiny"))
     cpu = torch.device("cpu")
     optimizer = build_adamw(model, 3e-3, 0.1, (0.9, 0.95), 1e-8, cpu)
-    settings = LoopSettings(
+    settings = TrainSettings(
         max_steps=STEPS,
         warmup_steps=4,
         lr=3e-3,
@@ -89,8 +91,7 @@ def run_baseline(tmp_path: Path) -> list[float]:
         settings,
         device=cpu,
         run_dir=tmp_path,
-        eos_token_id=0,
-        extra_files=[],
+        checkpointer=FullCheckpointer(eos_token_id=0),
     )
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     return [float(r["loss"]) for r in lines if "loss" in r]

@@ -18,7 +18,14 @@ from typing import Any
 
 import pytest
 
-from albor.train.supervisor import Supervisor, WatchSettings, classify
+from albor.track import metrics
+from albor.train.supervisor import (
+    Supervisor,
+    WatchSettings,
+    classify,
+    last_step_and_loss,
+    stage_run_dir,
+)
 from helpers import pretrain_config
 
 # The child's behaviour on its Nth start (N counted in a file): "exit:3", "kill:SIGKILL",
@@ -166,6 +173,24 @@ def test_classify(returncode: int, tail: list[str], kind: str) -> None:
     assert classify(returncode, tail, stalled=True).kind == "stalled"
 
 
+def test_last_loss_from_the_metrics_when_the_state_has_none(tmp_path: Path) -> None:
+    # A skipped step's loss is null, and a kill may have cut the last line: neither is the loss.
+    for record in ({"step": 1, "loss": 4.0}, {"step": 2, "loss": 3.5}, {"step": 3, "loss": None}):
+        metrics.append(tmp_path / metrics.METRICS_FILE, record)
+    with open(tmp_path / metrics.METRICS_FILE, "a") as f:
+        f.write('{"step": 4, "lo')
+    assert last_step_and_loss(tmp_path) == (2, 3.5)
+    (tmp_path / "training_state.json").write_text(json.dumps({"step": 3, "last": {}}))
+    assert last_step_and_loss(tmp_path) == (3, 3.5)  # the state's step is newer
+
+
+def test_stage_run_dir_follows_the_partial_dir(tmp_path: Path) -> None:
+    resolve = stage_run_dir(tmp_path / "out")
+    assert resolve() == tmp_path  # before the stage made its work dir
+    (tmp_path / ".out.partial").mkdir()
+    assert resolve() == tmp_path / ".out.partial"
+
+
 @pytest.mark.slow
 def test_watch_brings_a_killed_pretrain_run_to_completion(token_data: Path, tmp_path: Path) -> None:
     cfg = tmp_path / "pretrain.yaml"
@@ -213,6 +238,6 @@ def test_watch_brings_a_killed_pretrain_run_to_completion(token_data: Path, tmp_
     assert report["last_step"] >= 15 and report["last_loss"] is not None
     assert report["pid"] == state["pid"]  # the watched child is the training process itself
     assert (out / "model.safetensors").exists()
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = metrics.read(out / metrics.METRICS_FILE)
     assert [r for r in lines if r.get("event") == "resume"]
     assert max(r["step"] for r in lines if "loss" in r) == 60

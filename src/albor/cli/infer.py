@@ -13,6 +13,8 @@ from rich.console import Console
 
 from albor import progress
 from albor.cli.common import emit_json, err, out
+from albor.device import DEVICES
+from albor.device import resolve as resolve_device
 
 # ----- inference: complete, serve, bench -------------------------------------------------------
 
@@ -37,7 +39,7 @@ def model_options(f: Any) -> Any:
     )(f)
     return click.option(
         "--device",
-        type=click.Choice(["auto", "cpu", "cuda"]),
+        type=click.Choice(DEVICES),
         default="cpu",
         show_default=True,
         help="Where a torch model runs (auto: cuda when a GPU is visible).",
@@ -122,7 +124,9 @@ def complete_cmd(
     from albor.infer.engine import Sampling, make_prompt, prompt_tokens, stream_completions
     from albor.infer.loader import load
 
-    backend = load(model, device=device, dtype=dtype, n_threads=threads)
+    backend = load(
+        model, device=resolve_device(device, key="--device"), dtype=dtype, n_threads=threads
+    )
     prompt = make_prompt(
         backend, prefix, suffix, fim_mode="spm" if fim_mode == "spm" else "psm", heal=heal
     )
@@ -241,7 +245,9 @@ def serve_cmd(
             style="yellow",
             markup=False,
         )
-    backend = load(model, device=device, dtype=dtype, n_threads=threads)
+    backend = load(
+        model, device=resolve_device(device, key="--device"), dtype=dtype, n_threads=threads
+    )
     limits = Limits(
         max_body_bytes=max_body_bytes,
         max_tokens=max_tokens_limit,
@@ -298,7 +304,7 @@ def serve_cmd(
 @click.option("--threads", type=click.IntRange(1), help="CPU threads for every backend.")
 @click.option(
     "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
+    type=click.Choice(DEVICES),
     default="cpu",
     show_default=True,
     help="Where torch models run.",
@@ -330,7 +336,7 @@ def bench_cmd(
         repeats=repeats,
         threads=threads,
         dtypes=dtypes or ("float32", "bfloat16"),
-        device=device,
+        device=resolve_device(device, key="--device"),
         isolate=not in_process,
     )
     if as_json:

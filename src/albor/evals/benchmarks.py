@@ -10,7 +10,6 @@ the file, the line and the fix.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import Any, TextIO
 
 from pydantic import Field, model_validator
 
+from albor.artifact import sha256_file
 from albor.config import StageConfig
 from albor.errors import DataError
 
@@ -105,7 +105,7 @@ def source_path(cfg: BenchmarkConfig) -> Path:
 def state(cfg: BenchmarkConfig) -> str:
     """sha256 of the benchmark file, so that a changed file re-runs what used it."""
     try:
-        return hashlib.sha256(source_path(cfg).read_bytes()).hexdigest()
+        return sha256_file(source_path(cfg))
     except (OSError, DataError):
         return "unreadable"
 

@@ -19,17 +19,24 @@ Two rules keep the index to n-grams that are evidence of copying:
   one-liner appears in ordinary code (that one alone ties 30 stdlib modules to HumanEval/53) and
   is no evidence of contamination. With `short_texts="whole"` its whole token sequence is indexed
   as one shorter n-gram instead, and documents are scanned for it too.
+
+The `decontaminate` stage (which drops what matches) and `evaluate`'s contamination task (which
+only reports it) both build their index with `index_benchmarks` (`check_benchmarks` in their
+plans) and match documents with `scan`: the two cannot disagree on what "contaminated" means.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+
+from albor.errors import DataError
+from albor.evals import benchmarks as bench
 
 ShortTexts = Literal["skip", "whole"]
 
@@ -205,3 +212,76 @@ def build_index(
     for benchmark, task_id, text in texts:
         index.add(benchmark, task_id, text)
     return index
+
+
+def index_benchmarks(
+    specs: Sequence[bench.BenchmarkConfig], n: int, short_texts: ShortTexts = "skip"
+) -> tuple[NgramIndex, dict[str, bench.Benchmark]]:
+    """Load every benchmark (DataError naming file, line and fix) and index the n-grams of its
+    texts; (index, benchmarks by name)."""
+    return _index(specs, n, short_texts, None)
+
+
+def check_benchmarks(
+    specs: Sequence[bench.BenchmarkConfig], n: int, short_texts: ShortTexts = "skip"
+) -> tuple[NgramIndex, dict[str, bench.Benchmark], list[tuple[str, bool, str]]]:
+    """`index_benchmarks` for a plan: a benchmark that cannot be read is left out instead of
+    raising, and every benchmark gets a (name, ok, detail) check, in order, so that the plan
+    reports every problem at once. Not ok too: a benchmark none of whose texts reaches `n`
+    tokens, since nothing could ever match it."""
+    errors: dict[str, str] = {}
+    index, loaded = _index(specs, n, short_texts, errors)
+    checks = []
+    for spec in specs:
+        b = loaded.get(spec.name)
+        if b is None:
+            checks.append((spec.name, False, errors[spec.name]))
+            continue
+        stats = index.stats[b.name]
+        detail = (
+            f"{b.path.name}: {stats.problems} problems, fields {', '.join(b.fields)}, "
+            f"{stats.ngrams} {n}-grams indexed"
+        )
+        if stats.ngrams == 0:
+            detail += (
+                f": every text is shorter than {n} tokens; lower `ngram` or set "
+                "`short_texts: whole`"
+            )
+        elif stats.texts_short:
+            verb = "skipped" if short_texts == "skip" else "indexed whole"
+            detail += f"; {stats.texts_short} text(s) under {n} tokens {verb}"
+        checks.append((spec.name, stats.ngrams > 0, detail))
+    return index, loaded, checks
+
+
+def _index(
+    specs: Sequence[bench.BenchmarkConfig],
+    n: int,
+    short_texts: ShortTexts,
+    errors: dict[str, str] | None,
+) -> tuple[NgramIndex, dict[str, bench.Benchmark]]:
+    index = NgramIndex(n, short_texts)
+    loaded: dict[str, bench.Benchmark] = {}
+    for spec in specs:
+        try:
+            b = bench.load(spec)
+        except DataError as e:
+            if errors is None:
+                raise
+            errors[spec.name] = str(e)
+            continue
+        for name, task_id, text in b.texts():
+            index.add(name, task_id, text)
+        loaded[spec.name] = b
+    return index, loaded
+
+
+def scan(index: NgramIndex, texts: Iterable[str], min_matches: int = 1) -> list[tuple[int, Hit]]:
+    """The documents among `texts` sharing at least `min_matches` distinct benchmark n-grams, as
+    (position in `texts`, what they share)."""
+    found: list[tuple[int, Hit]] = []
+    for offset, text in enumerate(texts):
+        hit = index.match(text)
+        if hit.shared and hit.shared >= min_matches:
+            found.append((offset, hit))
+    return found

@@ -186,9 +186,9 @@ class Generator:
 
     def __init__(self, model_dir: Path, device: str = "cpu") -> None:
         from albor.data.bpe import load_tokenizer, plain_text
-        from albor.model.hf import load_pretrained
+        from albor.model.load import load_model
 
-        self.model, self.config = load_pretrained(model_dir, device=device)
+        self.model, self.config = load_model(model_dir, device=device)
         self.tokenizer = load_tokenizer(model_dir)
         self.plain = plain_text(self.tokenizer)
         self.truncated = 0

@@ -253,13 +253,13 @@ def gguf_parity(
     tokens parsed; `tokenization_plain_text`; `detokenize` when `check_text`) and against albor's
     logits `ours` on `windows` (the `top1_*` figures)."""
     from albor.data.bpe import plain_text
-    from albor.infer.llamacpp import LlamaCppModel
+    from albor.model.load import open_gguf
     from albor.progress import track
 
     plain = plain_text(tokenizer)
     length = max(len(w) for w in windows)
     result: dict[str, Any] = {}
-    with LlamaCppModel(path, n_ctx=length, n_threads=threads, logits_all=True) as lm:
+    with open_gguf(path, n_ctx=length, n_threads=threads, logits_all=True) as lm:
         special, as_text, text_back = TokenParity(), TokenParity(), TokenParity("character")
         for i, text in enumerate(track(texts, f"{fmt} tokenizer parity")):
             want = tokenizer.encode(text, add_special_tokens=False).ids

@@ -32,7 +32,8 @@ from typing import Any
 from albor import progress
 from albor.errors import ConfigError
 from albor.infer.engine import GREEDY, Backend
-from albor.infer.loader import DTYPES, ModelRef, find_models, load_ref
+from albor.infer.loader import load_ref
+from albor.model.load import DTYPES, ModelRef, find_models
 
 PROMPT_SOURCE = Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py"
 

@@ -2,10 +2,11 @@
 
 Three layers, bottom up:
 
-- **Tokens (torch).** `stream_batch` runs several prompts at once: left-padded into one batch,
-  each row with its own RoPE positions, one attention mask hiding the padding, one KV cache; rows
-  that finish leave the batch. Greedy output of a row equals that prompt generated alone.
-  `generate` is its one-row form; `next_token` picks a token (greedy, temperature, top-k, top-p).
+- **Tokens (torch).** `stream_batch` runs several prompts at once through `GPT.forward`:
+  left-padded into one batch, each row with its own RoPE positions, the padding slots masked, one
+  KV cache; rows that finish leave the batch. Greedy output of a row equals that prompt generated
+  alone. `generate` is its one-row form; `next_token` picks a token (greedy, temperature, top-k,
+  top-p).
 - **Backends.** `Backend` is what `complete`, `serve` and `bench` need from a model: tokenize,
   detokenize, the context, FIM prompts, a stream of new ids, a name. `TorchBackend` serves albor
   checkpoints and HF model dirs; GGUF files are served through llama.cpp (`infer/loader.py`).
@@ -22,13 +23,12 @@ from dataclasses import dataclass
 from typing import Literal, Protocol, cast
 
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from albor.data.bpe import EOS, SPECIAL_TOKENS, plain_text
 from albor.data.fim import ORDER, SENTINEL_IDS, SENTINELS, Mode, prompt_ids
 from albor.errors import ArtifactError, ConfigError
-from albor.model.gpt import GPT, Block, KVCache, apply_rope, rope_cos_sin
+from albor.model.gpt import GPT
 
 EOS_TOKEN = EOS
 
@@ -103,66 +103,6 @@ def restrict(logits: torch.Tensor, allowed: Sequence[int]) -> torch.Tensor:
 # ----- tokens: batched generation on the albor decoder ------------------------------------------
 
 
-def _attention_mask(
-    pad: torch.Tensor, start: int, length: int, device: torch.device
-) -> torch.Tensor | None:
-    """Boolean mask (B, 1, length, start + length): a query sees earlier non-padding keys.
-
-    A padding query sees itself only, so its softmax has something to normalise (no NaN); its
-    output is never read. None when no row is padded: the caller uses the causal fast paths.
-    """
-    if not bool(pad.any()):
-        return None
-    q = torch.arange(start, start + length, device=device)[:, None]
-    k = torch.arange(start + length, device=device)[None, :]
-    visible = (k <= q)[None] & ((k[None] >= pad[:, None, None]) | (k == q)[None])
-    return visible[:, None]
-
-
-def _forward(
-    model: GPT,
-    ids: torch.Tensor,
-    positions: torch.Tensor,
-    pad: torch.Tensor,
-    cache: KVCache,
-    rope: tuple[torch.Tensor, torch.Tensor],
-) -> torch.Tensor:
-    """Logits (B, vocab) at the last position of `ids` (B, T), continuing the cached slots.
-
-    The decoder's own `forward` has one position range for the whole batch and no padding; this
-    is the same computation through the same modules with per-row positions (`positions`, B x T)
-    and keys before slot `pad[b]` hidden, as batching prompts of different lengths needs. Only
-    the last position goes through the output head: the others' logits are never used.
-    """
-    B, T = ids.shape
-    start = cache.pos
-    cos, sin = rope[0][positions][:, None], rope[1][positions][:, None]
-    mask = _attention_mask(pad, start, T, ids.device)
-    if mask is None and start > 0 and T > 1:  # a chunk after a cached prefix, no padding
-        mask = (
-            torch.arange(start + T, device=ids.device)[None, :]
-            <= torch.arange(start, start + T, device=ids.device)[:, None]
-        )
-    causal = mask is None and start == 0 and T > 1
-    x = model.model.embed_tokens(ids)
-    for block in cast("list[Block]", model.model.layers):
-        attn = block.self_attn
-        h = block.input_layernorm(x)
-        q = attn.q_proj(h).view(B, T, attn.n_heads, attn.hd).transpose(1, 2)
-        k = attn.k_proj(h).view(B, T, attn.n_kv, attn.hd).transpose(1, 2)
-        v = attn.v_proj(h).view(B, T, attn.n_kv, attn.hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k, v = cache.update(attn.layer_idx, k, v)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True
-        )
-        x = x + attn.o_proj(y.transpose(1, 2).reshape(B, T, attn.n_heads * attn.hd))
-        x = x + block.mlp(block.post_attention_layernorm(x))
-    cache.advance(T)
-    logits: torch.Tensor = model.lm_head(model.model.norm(x[:, -1]))
-    return logits
-
-
 def stream_batch(
     model: GPT,
     prompts: Sequence[Sequence[int]],
@@ -235,7 +175,11 @@ def _batch_stream(
     ids = torch.zeros((len(live), width), dtype=torch.long)
     for i, r in enumerate(live):
         ids[i, width - lens[i] :] = torch.tensor(rows[r])
-    pad = torch.tensor([width - n for n in lens], device=device)
+    pads = [width - n for n in lens]
+    pad = torch.tensor(pads, device=device)
+    # Left padding: row i's tokens sit in slots pads[i].., at RoPE positions 0..; the model hides
+    # the padding slots. Unpadded rows take the model's plain causal path.
+    real = torch.arange(slots, device=device)[None, :] >= pad[:, None]
     positions = (torch.arange(width, device=device)[None, :] - pad[:, None]).clamp(min=0)
     step, next_pos = ids.to(device), torch.tensor(lens, device=device)
     generated = dict.fromkeys(live, 0)
@@ -243,10 +187,14 @@ def _batch_stream(
     # otherwise leave it switched on in the caller's code between tokens.
     with torch.inference_mode():
         cache = model.new_cache(len(live), slots)
-        rope = rope_cos_sin(model.cfg, 0, ctx, device)
     while True:
         with torch.inference_mode():
-            logits = _forward(model, step, positions, pad, cache, rope)
+            if any(pads):
+                seen = real[:, : cache.pos + step.shape[1]]
+                out = model(step, cache=cache, positions=positions, key_mask=seen, last_only=True)
+            else:
+                out = model(step, cache=cache, last_only=True)
+            logits = out[:, 0]
             for i, r in enumerate(live):
                 allowed = firsts[r]
                 if allowed is not None and generated[r] == 0:
@@ -281,8 +229,9 @@ def _batch_stream(
             return
         if len(keep) < len(live):  # finished rows leave the batch and its cache
             index = torch.tensor(keep, device=device)
-            cache.k, cache.v = cache.k[:, index], cache.v[:, index]
-            pad, next_pos = pad[index], next_pos[index]
+            cache.keep(index)
+            real, next_pos = real[index], next_pos[index]
+            pads = [pads[i] for i in keep]
             live = [live[i] for i in keep]
         step = torch.tensor([[tokens[i]] for i in keep], dtype=torch.long, device=device)
         positions = next_pos[:, None]

@@ -1,114 +1,28 @@
 """One `load(path)` for every model albor can run, returning an engine `Backend`.
 
-- an albor checkpoint dir or a transformers model dir: `config.json`, `model.safetensors` (or
-  shards with `model.safetensors.index.json`) and `tokenizer.json` -> `TorchBackend`, in float32,
-  bfloat16 or float16, on the CPU or a GPU;
+- an albor checkpoint dir or a transformers model dir -> `TorchBackend` (the albor decoder in
+  torch, on the CPU or a GPU, in float32, bfloat16 or float16);
 - a `.gguf` file -> `GGUFBackend`, run by llama.cpp through llama-cpp-python
   (`albor.infer.llamacpp`);
 - a directory holding exactly one of those (an export artifact with one model) -> that model.
 
-`find_models` lists every model under a directory (an export artifact may hold an HF dir and
-several GGUF files), which is what `albor bench` measures.
+Finding and reading the models is `albor.model.load`'s (the one loader serving, evaluation and
+export share); this module wraps what it loads in the backends `complete`, `serve` and `bench`
+drive.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Generator, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
-from albor.data.bpe import EOS, SPECIAL_TOKENS, TOKENIZER_JSON
+from albor.data.bpe import EOS, SPECIAL_TOKENS
 from albor.data.fim import ORDER, SENTINELS, Mode
-from albor.errors import ArtifactError, ConfigError
+from albor.errors import ConfigError
 from albor.infer.engine import GREEDY, Backend, Sampling, TorchBackend, next_token, restrict
-from albor.model.hf import CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE
-
-if TYPE_CHECKING:
-    import torch
-
-GGUF_SUFFIX = ".gguf"
-DTYPES = ("float32", "bfloat16", "float16")
-Dtype = Literal["float32", "bfloat16", "float16"]
-Device = Literal["auto", "cpu", "cuda"]
-GGUF_INSTALL = "pip install gguf llama-cpp-python (both are albor dependencies)"
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A model found on disk: a torch checkpoint dir or a GGUF file."""
-
-    path: Path
-    kind: Literal["torch", "gguf"]
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-
-def is_checkpoint_dir(path: Path) -> bool:
-    """A `config.json` with safetensors weights beside it (single file or sharded)."""
-    return (path / CONFIG_FILE).is_file() and (
-        (path / WEIGHTS_FILE).is_file() or (path / INDEX_FILE).is_file()
-    )
-
-
-def find_models(path: Path) -> list[ModelRef]:
-    """Every model at `path`: the file itself, the checkpoint dir itself, and the checkpoint dirs
-    and GGUF files directly in it or one directory down (an export artifact's layout)."""
-    path = Path(path)
-    if path.is_file():
-        if path.suffix != GGUF_SUFFIX:
-            raise ConfigError(
-                f"{path}: not a model: give a .gguf file or a model directory (config.json, "
-                f"{WEIGHTS_FILE} and {TOKENIZER_JSON})"
-            )
-        return [ModelRef(path, "gguf")]
-    if not path.is_dir():
-        raise ConfigError(f"{path}: no such file or directory")
-    found: list[ModelRef] = []
-    for d in [path, *sorted(p for p in path.iterdir() if p.is_dir() and p.name[0] not in "._")]:
-        if is_checkpoint_dir(d):
-            found.append(ModelRef(d, "torch"))
-        found += [ModelRef(f, "gguf") for f in sorted(d.glob(f"*{GGUF_SUFFIX}")) if f.is_file()]
-    return found
-
-
-def resolve(path: Path) -> ModelRef:
-    """The one model `path` names; ConfigError when it names none or several."""
-    found = find_models(path)
-    if not found:
-        raise ConfigError(
-            f"{path}: no model here: expected a checkpoint dir (config.json, {WEIGHTS_FILE} or "
-            f"{INDEX_FILE}, {TOKENIZER_JSON}) or a .gguf file"
-        )
-    if len(found) > 1 and not (Path(path).is_dir() and is_checkpoint_dir(Path(path))):
-        names = ", ".join(str(r.path) for r in found)
-        raise ConfigError(f"{path} holds several models; pass one of them: {names}")
-    return found[0]
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    import torch
-
-    if name not in DTYPES:
-        raise ConfigError(f"dtype {name!r} is not one of {', '.join(DTYPES)}")
-    dtype: torch.dtype = getattr(torch, name)
-    return dtype
-
-
-def pick_device(device: str) -> str:
-    """`auto` is cuda when a GPU is visible, else cpu; asking for cuda without one is an error."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda asked for but no CUDA GPU is visible: use --device cpu")
-    if device not in ("cpu", "cuda"):
-        raise ConfigError(f"device {device!r} is not one of auto, cpu, cuda")
-    return device
+from albor.model.load import ModelRef, load_model, load_model_tokenizer, open_gguf, resolve
 
 
 def load(
@@ -121,8 +35,8 @@ def load(
 ) -> Backend:
     """The model at `path` (see the module docstring) ready to generate.
 
-    `dtype` and `device` apply to torch models; `n_ctx` (default: the model's) to GGUF files;
-    `n_threads` sets the CPU threads of either (torch's is process-wide).
+    `dtype` and `device` ("auto", "cpu" or "cuda") apply to torch models; `n_ctx` (default: the
+    model's) to GGUF files; `n_threads` sets the CPU threads of either (torch's is process-wide).
     """
     return load_ref(
         resolve(Path(path)), device=device, dtype=dtype, n_ctx=n_ctx, n_threads=n_threads
@@ -148,32 +62,12 @@ def load_torch(
 ) -> TorchBackend:
     """An albor or transformers checkpoint dir with its `tokenizer.json`."""
     import torch
-    from tokenizers import Tokenizer
-
-    from albor.model.hf import load_pretrained
 
     if n_threads is not None:
         torch.set_num_threads(n_threads)
-    tok_path = directory / TOKENIZER_JSON
-    if not tok_path.is_file():
-        raise ArtifactError(
-            f"{directory}: no {TOKENIZER_JSON} beside the weights: copy the tokenizer the model "
-            "was trained with into the model directory"
-        )
-    try:
-        tokenizer = Tokenizer.from_file(str(tok_path))
-    except Exception as e:  # the Rust side raises a bare Exception on malformed JSON
-        raise ArtifactError(f"{tok_path}: not a readable tokenizer: {e}") from e
-    model, _ = load_pretrained(directory, device=pick_device(device), dtype=torch_dtype(dtype))
+    tokenizer = load_model_tokenizer(directory)
+    model, _ = load_model(directory, device=device, dtype=dtype, device_key="--device")
     return TorchBackend(model, tokenizer, name=directory.name)
-
-
-def _llamacpp() -> Any:
-    """albor's llama.cpp wrapper; a missing llama-cpp-python is named with its install line."""
-    try:
-        return importlib.import_module("albor.infer.llamacpp")
-    except ImportError as e:
-        raise ConfigError(f"running a GGUF file needs llama-cpp-python: {GGUF_INSTALL}") from e
 
 
 class GGUFBackend:
@@ -195,10 +89,7 @@ class GGUFBackend:
     def open(
         cls, path: Path, *, n_ctx: int | None = None, n_threads: int | None = None
     ) -> GGUFBackend:
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such GGUF file")
-        model = _llamacpp().LlamaCppModel(path, n_ctx=n_ctx, n_threads=n_threads)
-        return cls(model, path.name)
+        return cls(open_gguf(path, n_ctx=n_ctx, n_threads=n_threads), path.name)
 
     @property
     def name(self) -> str:

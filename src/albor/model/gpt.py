@@ -11,6 +11,8 @@ Usage:
     loss = model(idx, targets)            # mean cross-entropy, targets == -100 ignored
     cache = model.new_cache(batch_size=1)
     logits = model(prompt, cache=cache)   # prefill, then one token at a time with the same cache
+    # batched decoding: left-padded rows, their own positions, padding slots masked out
+    logits = model(ids, cache=cache, positions=pos, key_mask=real, last_only=True)
 
 To count parameters without memory: `with torch.device("meta"): GPT(cfg)`. To materialise such a
 model: `model.to_empty(device=d)` then `model.init_weights()`.
@@ -19,6 +21,7 @@ model: `model.to_empty(device=d)` then `model.init_weights()`.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,22 +47,25 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
-def rope_cos_sin(
-    cfg: ModelConfig, start: int, length: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (length, head_dim) for positions start..start+length-1, computed in fp32.
+def rope_at(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (*positions.shape, head_dim) for integer `positions`, computed in fp32.
 
     Computed per call rather than stored as buffers: it costs O(T * head_dim), keeps the state
     dict equal to HF's, and needs no special care on the meta device.
     """
     hd = cfg.head_dim
-    inv_freq = 1.0 / (
-        cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd)
-    )
-    pos = torch.arange(start, start + length, device=device, dtype=torch.float32)
-    freqs = torch.outer(pos, inv_freq)
+    arange = torch.arange(0, hd, 2, dtype=torch.int64, device=positions.device)
+    inv_freq = 1.0 / (cfg.rope_theta ** (arange.float() / hd))
+    freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)  # non-interleaved halves, as HF
     return emb.cos(), emb.sin()
+
+
+def rope_cos_sin(
+    cfg: ModelConfig, start: int, length: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (length, head_dim) for positions start..start+length-1."""
+    return rope_at(cfg, torch.arange(start, start + length, device=device))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -73,7 +79,9 @@ class KVCache:
     """Preallocated keys/values of every layer for `batch_size` sequences of up to `max_len`.
 
     Layers write their new keys/values at `pos` through `update`; the model calls `advance` once
-    all layers have run, so `pos` is the number of tokens already cached.
+    all layers have run, so `pos` is the number of tokens already cached. The cache also holds
+    the RoPE table of every position of the context: a decoding step looks its rows up instead
+    of computing sines and cosines again.
     """
 
     def __init__(
@@ -89,6 +97,7 @@ class KVCache:
         shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, self.max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.cos, self.sin = rope_cos_sin(cfg, 0, cfg.max_seq_len, device)
         self.pos = 0
 
     def update(
@@ -104,6 +113,10 @@ class KVCache:
 
     def advance(self, n: int) -> None:
         self.pos += n
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only the sequences at indices `rows` (batched decoding drops finished rows)."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
 
     def reset(self) -> None:
         self.pos = 0
@@ -126,25 +139,20 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         cache: KVCache | None,
+        mask: torch.Tensor | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        start = 0
+        causal = mask is None and T > 1  # without a mask: a fresh sequence, or one new token
         if cache is not None:
-            start = cache.pos
+            causal = causal and cache.pos == 0
             k, v = cache.update(self.layer_idx, k, v)
-        if start == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
-        elif T == 1:
-            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # sees the whole cache
-        else:
-            # A chunk after a cached prefix: query i (at start+i) sees keys 0..start+i.
-            qpos = torch.arange(start, start + T, device=x.device)[:, None]
-            mask = torch.arange(start + T, device=x.device)[None, :] <= qpos
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True
+        )
         out: torch.Tensor = self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
         return out
 
@@ -170,9 +178,14 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None,
+        mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
         out: torch.Tensor = x + self.mlp(self.post_attention_layernorm(x))
         return out
 
@@ -244,32 +257,68 @@ class GPT(nn.Module):
         input_ids: torch.Tensor,
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        *,
+        positions: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+        last_only: bool = False,
+        reduction: Literal["mean", "sum"] = "mean",
     ) -> torch.Tensor:
         """Logits (B, T, vocab) for `input_ids` (B, T); with `targets` (B, T), the scalar loss.
 
-        The loss is the mean cross-entropy over positions whose target is not -100, computed in
-        fp32. With a `cache`, `input_ids` continue the cached tokens (positions start at
-        `cache.pos`) and the cache advances by T.
+        The loss is the cross-entropy over positions whose target is not -100, computed in fp32:
+        their mean, or with `reduction="sum"` their sum (for callers that normalise by a token
+        count of their own, as gradient accumulation over uneven micro-batches does).
+
+        With a `cache`, `input_ids` continue the cached tokens (in cache slots from `cache.pos`)
+        and the cache advances by T. Batched decoding of left-padded rows adds `positions`
+        (B, T), each row's own RoPE positions, and `key_mask` (B, cache.pos + T), True where a
+        slot holds a real token: a query sees the real slots up to its own (a padding query
+        sees itself only, so its softmax stays finite; its output is never read). `last_only`
+        applies the output head to the last position only: logits (B, 1, vocab).
         """
         T = input_ids.shape[1]
         start = cache.pos if cache is not None else 0
-        if start + T > self.cfg.max_seq_len:
+        if positions is None and start + T > self.cfg.max_seq_len:
             raise ValueError(
                 f"sequence of {start + T} tokens exceeds the context length {self.cfg.max_seq_len}"
             )
-        cos, sin = rope_cos_sin(self.cfg, start, T, input_ids.device)
+        if targets is not None and last_only:
+            raise ValueError("last_only gives the last position's logits; a loss needs them all")
+        device = input_ids.device
+        if cache is not None:  # the cache holds the RoPE table of every position
+            where = slice(start, start + T) if positions is None else positions
+            cos, sin = cache.cos[where], cache.sin[where]
+        else:
+            cos, sin = rope_at(
+                self.cfg, torch.arange(T, device=device) if positions is None else positions
+            )
+        if positions is not None:
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd): one rotation per row
+        mask = None
+        if key_mask is not None or (start > 0 and T > 1):
+            # Slot i of the new tokens is start+i; it sees the slots up to itself.
+            q = torch.arange(start, start + T, device=device)[:, None]
+            k = torch.arange(start + T, device=device)[None, :]
+            mask = k <= q
+            if key_mask is not None:
+                mask = (mask & (key_mask[:, None, :] | (k == q)))[:, None]
         x = self.model.embed_tokens(input_ids)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.model.layers:
             if recompute:
-                x = checkpoint(block, x, cos, sin, cache, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, cache, mask, use_reentrant=False)
             else:
-                x = block(x, cos, sin, cache)
+                x = block(x, cos, sin, cache, mask)
         if cache is not None:
             cache.advance(T)
+        if last_only:
+            x = x[:, -1:]
         logits: torch.Tensor = self.lm_head(self.model.norm(x))
         if targets is None:
             return logits
         return F.cross_entropy(
-            logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
+            logits.float().view(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=-100,
+            reduction=reduction,
         )

@@ -21,7 +21,6 @@ is the same whatever `workers` is.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import sys
 from collections import Counter
@@ -34,7 +33,7 @@ import pyarrow as pa
 from pydantic import BeforeValidator, Field, model_validator
 
 from albor import progress
-from albor.artifact import read_manifest
+from albor.artifact import read_manifest, sha256_bytes
 from albor.config import Int
 from albor.data import filters, parallel
 from albor.data.corpus import (
@@ -59,7 +58,6 @@ from albor.stage import (
 )
 
 NAME = "clean"
-DESCRIPTION = "Filter a corpus with code-aware quality rules; count and list what is dropped."
 INPUTS = ("input",)
 
 # ast.parse dominates the cost; benchmarks/data.py measures it at about 5 MB/s on one core.
@@ -303,7 +301,7 @@ def _prepared(
             text, changed = filters.normalise(raw)
             if changed:
                 data = text.encode("utf-8")
-                sha, size = hashlib.sha256(data).hexdigest(), len(data)
+                sha, size = sha256_bytes(data), len(data)
                 key.fixed[i] = text
             key.sha256.append(sha)
             key.nbytes.append(int(size))

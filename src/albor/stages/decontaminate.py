@@ -41,12 +41,18 @@ from albor.data.corpus import (
 )
 from albor.errors import DataError
 from albor.evals import benchmarks as bench
-from albor.evals.contamination import Hit, NgramIndex, ShortTexts
+from albor.evals.contamination import (
+    Hit,
+    NgramIndex,
+    ShortTexts,
+    check_benchmarks,
+    index_benchmarks,
+    scan,
+)
 from albor.plan import Plan
 from albor.stage import ApplyContext, Outcome, OutputConfig, PlanContext, check_input, counts
 
 NAME = "decontaminate"
-DESCRIPTION = "Drop documents sharing n-grams with benchmark prompts or solutions (HumanEval)."
 INPUTS = ("input",)
 
 REPORT_FILE = "report.json"
@@ -113,43 +119,11 @@ def source_state(cfg: Config) -> dict[str, str]:
 
 def build(cfg: Config, p: Plan | None = None) -> tuple[NgramIndex, dict[str, bench.Benchmark]]:
     """Load every benchmark and index its n-grams; with a plan, each load is a check there."""
-    index = NgramIndex(cfg.ngram, cfg.short_texts)
-    loaded: dict[str, bench.Benchmark] = {}
-    for spec in cfg.benchmarks:
-        check = f"benchmark {spec.name}"
-        try:
-            b = bench.load(spec)
-        except DataError as e:
-            if p is None:
-                raise
-            p.add(check, "fail", str(e))
-            continue
-        for name, task_id, text in b.texts():
-            index.add(name, task_id, text)
-        loaded[spec.name] = b
-        if p is None:
-            continue
-        stats = index.stats[spec.name]
-        detail = (
-            f"{b.path.name}: {stats.problems} problems, fields {', '.join(b.fields)}, "
-            f"{stats.ngrams} {cfg.ngram}-grams indexed"
-        )
-        if stats.ngrams == 0:
-            p.add(
-                check,
-                "fail",
-                f"{detail}: every text is shorter than {cfg.ngram} tokens; lower `ngram` "
-                "or set `short_texts: whole`",
-            )
-        elif stats.texts_short:
-            verb = "skipped" if cfg.short_texts == "skip" else "indexed whole"
-            p.add(
-                check,
-                "ok",
-                f"{detail}; {stats.texts_short} text(s) under {cfg.ngram} tokens {verb}",
-            )
-        else:
-            p.add(check, "ok", detail)
+    if p is None:
+        return index_benchmarks(cfg.benchmarks, cfg.ngram, cfg.short_texts)
+    index, loaded, checks = check_benchmarks(cfg.benchmarks, cfg.ngram, cfg.short_texts)
+    for name, ok, detail in checks:
+        p.add(f"benchmark {name}", "ok" if ok else "fail", detail)
     return index, loaded
 
 
@@ -201,12 +175,7 @@ def _scan(shared: tuple[NgramIndex, int], texts: list[str]) -> Found:
     index arrives once per worker, through the pool's initializer), so it is top-level and
     returns only the few hits."""
     index, min_matches = shared
-    found: Found = []
-    for offset, text in enumerate(texts):
-        hit = index.match(text)
-        if hit.shared >= min_matches:
-            found.append((offset, hit))
-    return found
+    return scan(index, texts, min_matches)
 
 
 def apply(cfg: Config, ctx: ApplyContext) -> Outcome:

@@ -61,7 +61,6 @@ from albor.plan import Plan
 from albor.stage import ApplyContext, Outcome, OutputConfig, PlanContext, check_input, counts
 
 NAME = "dedup"
-DESCRIPTION = "Remove exact and near-duplicate documents (MinHash LSH); one survivor per cluster."
 INPUTS = ("input",)
 
 REPORT_FILE = "report.json"

@@ -20,7 +20,6 @@ sandbox runs each task will make and estimates their time.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -28,9 +27,10 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, model_validator
 
 from albor import progress
-from albor.artifact import artifact_digest, atomic_write_json, atomic_write_text
+from albor.artifact import artifact_digest, atomic_write_json, atomic_write_text, sha256_tree
 from albor.config import Int, StageConfig
-from albor.errors import AlborError, ArtifactError, DataError
+from albor.device import resolve as resolve_device
+from albor.errors import AlborError, ArtifactError, ConfigError, DataError
 from albor.evals import benchmarks as bench
 from albor.evals.contamination import ShortTexts
 from albor.evals.humaneval import CustomBenchmark, SamplingConfig
@@ -227,15 +227,6 @@ def task_name(t: Any) -> str:
     return str(t.name or t.task)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        h.update(str(f.relative_to(path) if f != path else f.name).encode())
-        h.update(hashlib.sha256(f.read_bytes()).digest())
-    return h.hexdigest()
-
-
 def source_state(cfg: Config) -> dict[str, str] | None:
     """Digests of what tasks read beside `model` and `data`, so that a changed benchmark or
     corpus re-runs the stage."""
@@ -246,11 +237,11 @@ def source_state(cfg: Config) -> dict[str, str] | None:
         name = task_name(t)
         try:
             if isinstance(t, PerplexityTask) and t.text is not None:
-                state[name] = _sha256(t.text)
+                state[name] = sha256_tree(t.text)
             elif isinstance(t, HumanEvalTask | InfillTask):
                 state[name] = bench.state(bench.BenchmarkConfig(name=bench.HUMANEVAL))
             elif isinstance(t, CustomTask):
-                state[name] = _sha256(t.path)
+                state[name] = sha256_tree(t.path)
             elif isinstance(t, ContaminationTask):
                 corpus = artifact_digest(t.corpus)
                 state[name] = corpus + "/" + "/".join(bench.state(b) for b in t.benchmarks)
@@ -274,7 +265,13 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
         mc = check_input(p, ctx, "model", cfg.model, load_config, "a checkpoint directory")
         if mc is not None:
             p.add("model", "ok", f"{cfg.model}: {param_count(mc):,} parameters")
-    device = "cuda" if cfg.device == "cuda" else "cpu"
+    device = "cpu"
+    if any(t.task in MODEL_TASKS for t in tasks):
+        try:
+            device = resolve_device(cfg.device)
+            p.add("device", "ok", f"{cfg.device}: runs on {device}")
+        except ConfigError as e:
+            p.add("device", "fail", str(e))
     totals = {"generations": 0, "sandbox_runs": 0, "est_seconds": 0.0}
     for t in tasks:
         name = task_name(t)
@@ -367,13 +364,10 @@ def _plan_contamination(t: ContaminationTask, p: Plan, name: str, est: dict[str,
         p.add(name, "ok", f"{path}: {est['documents']:,} documents")
     except (ArtifactError, DataError) as e:
         p.add(name, "fail", str(e))
-    for spec in t.benchmarks:
-        try:
-            b = bench.load(spec)
-        except DataError as e:
-            p.add(f"{name}.{spec.name}", "fail", str(e))
-            continue
-        p.add(f"{name}.{spec.name}", "ok", f"{len(b.problems)} problems")
+    from albor.evals.contamination import check_benchmarks
+
+    for benchmark, ok, detail in check_benchmarks(t.benchmarks, t.ngram, t.short_texts)[2]:
+        p.add(f"{name}.{benchmark}", "ok" if ok else "fail", detail)
 
 
 def _problems(t: Any) -> list[Any]:
@@ -454,11 +448,7 @@ class _Models:
 
     @property
     def device(self) -> str:
-        import torch
-
-        if self.cfg.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.cfg.device
+        return resolve_device(self.cfg.device)
 
     def generator(self) -> Any:
         from albor.evals.humaneval import Generator
@@ -500,10 +490,10 @@ def _perplexity(cfg: Config, t: PerplexityTask, models: _Models) -> tuple[dict[s
     from albor.data.shards import open_split
     from albor.data.windows import eval_token_count, eval_windows
     from albor.evals.perplexity import score_model, score_unigram, token_counts
-    from albor.model.hf import load_pretrained
+    from albor.model.load import load_model
 
     assert cfg.model is not None
-    model, mc = load_pretrained(cfg.model, device=models.device)
+    model, mc = load_model(cfg.model, device=models.device)
     seq = t.seq_len or mc.max_seq_len
     if t.text is not None:
         tokenizer = load_tokenizer(cfg.model)
@@ -634,15 +624,10 @@ def _contamination(t: ContaminationTask, path: Path) -> tuple[dict[str, Any], st
 
     from albor import progress
     from albor.data.corpus import iter_batches, num_rows
-    from albor.evals.contamination import NgramIndex
+    from albor.evals.contamination import index_benchmarks, scan
 
-    index = NgramIndex(t.ngram, t.short_texts)
-    problems = 0
-    for spec in t.benchmarks:
-        b = bench.load(spec)
-        problems += len(b.problems)
-        for name, task_id, text in b.texts():
-            index.add(name, task_id, text)
+    index, loaded = index_benchmarks(t.benchmarks, t.ngram, t.short_texts)
+    problems = sum(len(b.problems) for b in loaded.values())
     index.ready()
     corpus = _corpus_file(t)
     lines: list[dict[str, Any]] = []
@@ -651,19 +636,18 @@ def _contamination(t: ContaminationTask, path: Path) -> tuple[dict[str, Any], st
     with progress.bar("contamination", num_rows(corpus)) as bar:
         for batch in iter_batches(corpus, ["text", "path", "sha256"]):
             rows = batch.to_pylist()
-            for row in rows:
-                documents += 1
-                hit = index.match(row["text"])
-                if hit.shared:
-                    hit_problems.update(hit.by_problem)
-                    lines.append(
-                        {
-                            "path": row["path"],
-                            "sha256": row["sha256"],
-                            "shared_ngrams": hit.shared,
-                            "problems": {f"{b}/{tid}": n for (b, tid), n in hit.by_problem.items()},
-                        }
-                    )
+            documents += len(rows)
+            for offset, hit in scan(index, (row["text"] for row in rows)):
+                row = rows[offset]
+                hit_problems.update(hit.by_problem)
+                lines.append(
+                    {
+                        "path": row["path"],
+                        "sha256": row["sha256"],
+                        "shared_ngrams": hit.shared,
+                        "problems": {f"{b}/{tid}": n for (b, tid), n in hit.by_problem.items()},
+                    }
+                )
             bar.advance(len(rows))
     atomic_write_text(path, "".join(json.dumps(line) + "\n" for line in lines))
     metrics = {

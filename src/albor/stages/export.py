@@ -51,7 +51,6 @@ if TYPE_CHECKING:
     from albor.model.gpt import GPT
 
 NAME = "export"
-DESCRIPTION = "Export a checkpoint as an HF dir and GGUF files; check token and top-1 parity."
 INPUTS = ("model", "data")
 
 Format = Literal["hf", "f16", "q8_0", "q4_0", "q4_k_m"]
@@ -287,18 +286,16 @@ def apply(cfg: Config, ctx: ApplyContext) -> Outcome:
 
 
 def _export(cfg: Config, ctx: ApplyContext) -> Outcome:
-    from tokenizers import Tokenizer
-
     from albor.data.bpe import EOS
     from albor.evals import parity
     from albor.model.gguf import quantize_gguf, write_gguf
-    from albor.model.hf import load_pretrained
+    from albor.model.load import load_model, load_model_tokenizer
 
     assert cfg.model is not None
     src = cfg.model
     info = read_model(src)
-    model, mc = load_pretrained(src)
-    tokenizer = Tokenizer.from_file(str(src / "tokenizer.json"))
+    model, mc = load_model(src)
+    tokenizer = load_model_tokenizer(src)
     eos = tokenizer.token_to_id(EOS)
     texts, source = parity.parity_texts(cfg.data, cfg.parity_texts)
     windows = parity.parity_windows(tokenizer, texts, cfg.parity_prompts, cfg.prompt_tokens, eos)

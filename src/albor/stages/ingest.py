@@ -54,10 +54,6 @@ from albor.plan import Plan
 from albor.stage import ApplyContext, Outcome, OutputConfig, PlanContext, counts
 
 NAME = "ingest"
-DESCRIPTION = (
-    "Read .py files (stdlib, dirs, globs, git checkouts), Parquet, JSONL or cached HF datasets "
-    "into a Parquet corpus."
-)
 INPUTS: tuple[str, ...] = ()
 
 REJECTED_SCHEMA = pa.schema(

@@ -57,7 +57,6 @@ from albor.plan import Plan
 from albor.stage import ApplyContext, Outcome, OutputConfig, PlanContext, counts
 
 NAME = "mix"
-DESCRIPTION = "Mix corpora with per-input weights (repetition factors or byte shares), seeded."
 INPUTS = ("inputs",)
 
 Weighting = Literal["upsample", "share"]

@@ -25,7 +25,6 @@ from albor.plan import Plan
 from albor.stage import ApplyContext, Outcome, OutputConfig, PlanContext, check_input, counts
 
 NAME = "split"
-DESCRIPTION = "Split a corpus into train / val / test by document (hash of the content)."
 INPUTS = ("input",)
 
 

@@ -44,7 +44,6 @@ from albor.plan import Plan
 from albor.stage import ApplyContext, Outcome, OutputConfig, PlanContext, check_input, counts
 
 NAME = "tokenize"
-DESCRIPTION = "Encode the splits into packed uint16/uint32 token shards with an index."
 INPUTS = ("corpus", "tokenizer")
 
 DEFAULT_BYTES_PER_TOKEN = 3.5

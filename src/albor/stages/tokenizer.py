@@ -34,7 +34,6 @@ from albor.plan import Plan
 from albor.stage import ApplyContext, Outcome, OutputConfig, PlanContext, check_input
 
 NAME = "tokenizer"
-DESCRIPTION = "Train a lossless byte-level BPE tokenizer (HF tokenizers) on the train split."
 INPUTS = ("input",)
 
 # Rough BPE training speed per CPU core (word counting dominates); only for the plan's estimate.

@@ -11,7 +11,6 @@ follows the rename. Everything here builds rich renderables or JSON; `cli.py` pr
 from __future__ import annotations
 
 import json
-import math
 import os
 import select
 import sys
@@ -29,14 +28,15 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from albor.artifact import output_dir_for, partial_dir
 from albor.errors import AlborError, ArtifactError
+from albor.track.metrics import METRICS_FILE, MetricsTail
 from albor.track.plot import Point, add_record, braille_chart, sparkline
 from albor.track.runs import (
     DEFAULT_WORKDIR,
-    METRICS_FILE,
     effective_status,
+    flatten,
     numeric,
-    output_dir_for,
     parse_time,
     read_state,
 )
@@ -60,46 +60,6 @@ STYLES = {"loss": "cyan", "val_loss": "magenta"}
 
 
 # ----- reading a run dir as it grows -------------------------------------------------------------
-
-
-class MetricsTail:
-    """Reads a growing JSONL file incrementally: each `read` returns only the complete lines
-    added since the last one. A file that shrank or was replaced (a resumed run rewrites it
-    without the lines after its checkpoint) is read again from the start; `read` says so."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._offset = 0
-        self._inode: int | None = None
-        self._rest = b""
-
-    def read(self) -> tuple[list[dict[str, Any]], bool]:
-        """(new records, whether the file was started over)."""
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return [], False
-        restarted = self._inode is not None and (
-            st.st_ino != self._inode or st.st_size < self._offset
-        )
-        if restarted:
-            self._offset, self._rest = 0, b""
-        self._inode = st.st_ino
-        with open(self.path, "rb") as f:
-            f.seek(self._offset)
-            data = f.read()
-        self._offset += len(data)
-        lines = (self._rest + data).split(b"\n")
-        self._rest = lines.pop()  # an unfinished last line waits for the next read
-        records = []
-        for line in lines:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict):
-                records.append(rec)
-        return records, restarted
 
 
 @dataclass
@@ -201,8 +161,8 @@ class Monitor:
             self._prev_train = self._last_train = None
         for rec in records:
             add_record(self.curves, rec)
-            # A NaN (skipped step) keeps the last finite value on show.
-            self.last.update({k: v for k, v in rec.items() if k != "step" and not _nan(v)})
+            # A skipped step's loss (null) keeps the last finite value on show.
+            self.last.update({k: v for k, v in rec.items() if k != "step" and v is not None})
             if "loss" in rec:
                 self._prev_train, self._last_train = self._last_train, rec
 
@@ -298,10 +258,6 @@ class Monitor:
             snap.mfu = round(snap.model_flops_per_s / peak, 4)
 
 
-def _nan(value: Any) -> bool:
-    return isinstance(value, float) and not math.isfinite(value)
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -326,7 +282,7 @@ def find_run_dir(path: Path | None = None) -> Path:
     dir, partial ones included, whose metrics changed last.
     """
     base = Path(path) if path is not None else DEFAULT_WORKDIR
-    partial = base.parent / f".{base.name}.partial"
+    partial = partial_dir(base)
     if (base / METRICS_FILE).is_file():
         if (partial / METRICS_FILE).is_file() and _mtime(partial / METRICS_FILE) >= _mtime(
             base / METRICS_FILE
@@ -569,14 +525,8 @@ def _kv_table(rows: Sequence[tuple[str, Any]]) -> Table:
     return table
 
 
-def _flat(data: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    rows: list[tuple[str, Any]] = []
-    for key, value in data.items():
-        if isinstance(value, Mapping) and value:
-            rows.extend(_flat(value, f"{prefix}{key}."))
-        else:
-            rows.append((f"{prefix}{key}", value))
-    return rows
+def _flat(data: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    return list(flatten(data).items())
 
 
 def run_view(detail: Mapping[str, Any], width: int = 100) -> RenderableType:

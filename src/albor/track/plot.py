@@ -8,7 +8,6 @@ and no plotting problem ever stops a training run.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -18,13 +17,15 @@ from typing import Any
 
 from rich.text import Text
 
-from albor.track.runs import numeric, output_dir_for
+from albor.artifact import output_dir_for
+from albor.track.metrics import METRICS_FILE
+from albor.track.metrics import read as read_metrics
+from albor.track.runs import numeric
 
 log = logging.getLogger(__name__)
 
 BLOCKS = "▁▂▃▄▅▆▇█"
 PLOT_FILE = "loss.png"
-METRICS_FILE = "metrics.jsonl"
 SMOOTH_FROM = 30  # fewer loss points than this are drawn as they are, without an EMA
 
 Point = tuple[float, float]
@@ -35,7 +36,7 @@ _warned_missing = False
 
 
 def finite(values: Sequence[float | None]) -> list[float]:
-    """The values that are real numbers (a skipped step logs NaN; a missing one None)."""
+    """The values that are real numbers (a skipped step's loss is None, or NaN in old logs)."""
     return [float(v) for v in values if v is not None and math.isfinite(v)]
 
 
@@ -153,14 +154,7 @@ def _num(v: float) -> str:
 def read_curves(run_dir: Path) -> dict[str, list[Point]]:
     """Every metric of `run_dir/metrics.jsonl` as a (step, value) series, by key."""
     curves: dict[str, list[Point]] = {}
-    path = run_dir / METRICS_FILE
-    if not path.exists():
-        return curves
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line being written while we read
+    for rec in read_metrics(run_dir / METRICS_FILE):
         add_record(curves, rec)
     return curves
 
@@ -168,7 +162,7 @@ def read_curves(run_dir: Path) -> dict[str, list[Point]]:
 def add_record(curves: dict[str, list[Point]], rec: Any) -> None:
     """Append one metrics.jsonl record's finite numeric values to `curves` (keyed by metric).
 
-    Text fields (a `"event": "resume"` line) are no curve, and a skipped step's NaN loss is a
+    Text fields (a `"event": "resume"` line) are no curve, and a skipped step's loss (null) is a
     gap, not a point."""
     if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
         return

@@ -35,14 +35,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from albor.artifact import read_manifest
+from albor.artifact import output_dir_for, read_manifest
 from albor.errors import ArtifactError
+from albor.track.metrics import METRICS_FILE
+from albor.track.metrics import read as read_metrics
 
 log = logging.getLogger(__name__)
 
 DB_NAME = "runs.db"
 STATE_FILE = "training_state.json"
-METRICS_FILE = "metrics.jsonl"
 DEFAULT_WORKDIR = Path("albor-run")
 SCHEMA_VERSION = 1
 FINAL_STATUSES = ("done", "failed", "stopped")
@@ -109,15 +110,6 @@ def db_path_for(run_dir: Path) -> Path:
     """The database a run dir belongs to: `runs.db` in the directory holding it (the pipeline's
     workdir, or the parent of a standalone stage's output; the same for its `.NAME.partial`)."""
     return Path(run_dir).absolute().parent / DB_NAME
-
-
-def output_dir_for(run_dir: Path) -> Path:
-    """Where a run dir ends up: `.NAME.partial` (a stage's work dir) becomes `NAME`."""
-    run_dir = Path(run_dir).absolute()
-    name = run_dir.name
-    if name.startswith(".") and name.endswith(".partial"):
-        return run_dir.with_name(name[1 : -len(".partial")])
-    return run_dir
 
 
 def numeric(value: Any) -> float | None:
@@ -403,19 +395,6 @@ class RunTracker:
 # ----- importing finished run dirs --------------------------------------------------------------
 
 
-def read_metrics_file(path: Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl (a torn last line, from a crash, is skipped)."""
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
-            records.append(rec)
-    return records
-
-
 def import_run_dir(db_path: Path, run_dir: Path) -> str:
     """Add a finished run (its `manifest.json` and `metrics.jsonl`) to the database; its id.
 
@@ -439,7 +418,7 @@ def import_run_dir(db_path: Path, run_dir: Path) -> str:
         if began is not None and wall is not None
         else started
     )
-    records = read_metrics_file(metrics_path)
+    records = [r for r in read_metrics(metrics_path) if isinstance(r.get("step"), int)]
     last_step = max((r["step"] for r in records), default=0)
     with closing(connect(db_path)) as conn, conn:
         run_id = str(state.get("run_id") or "")

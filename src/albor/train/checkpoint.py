@@ -19,6 +19,12 @@ one before it is used. `prune` keeps the newest `keep` checkpoints plus the one 
 validation loss measured at its own step (the loop saves a checkpoint whenever validation
 improves, so the best weights always have one); `checkpoints/best.json` says where the best
 weights are: a kept step directory, or "." for the run's final weights.
+
+The loop does not know the checkpoint format: it hands a `Checkpointer` the model, optimizer and
+trainer state. `FullCheckpointer` writes the whole model in HF layout with the tokenizer files
+(pretrain, distill); an adapter checkpointer (finetune) writes only the trained weights. Under
+FSDP, `gather` collects the shards on rank 0 first, and `resume_ranks` has every rank resume from
+the checkpoint rank 0 chose.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -40,6 +46,7 @@ from albor.artifact import atomic_write_json, sha256_file
 from albor.errors import AlborError
 from albor.model.gpt import GPT
 from albor.model.hf import load_pretrained, save_pretrained
+from albor.train import distributed
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +188,52 @@ def clean(root: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
+class Checkpointer(Protocol):
+    """Writes what a run saves: `save` a complete checkpoint directory (atomically), `write` the
+    same files into an existing directory (the run's final weights)."""
+
+    def save(
+        self, directory: Path, model: GPT, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+    ) -> Path: ...
+
+    def write(
+        self, directory: Path, model: GPT, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+    ) -> None: ...
+
+
+@dataclass(frozen=True)
+class FullCheckpointer:
+    """The whole model in HF layout, with the files that make each checkpoint load on its own
+    in transformers (the tokenizer's) and the eos id its generation config names."""
+
+    eos_token_id: int
+    extra_files: tuple[Path, ...] = ()
+
+    def save(
+        self, directory: Path, model: GPT, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+    ) -> Path:
+        return save(
+            directory,
+            model,
+            optimizer,
+            state,
+            eos_token_id=self.eos_token_id,
+            extra_files=list(self.extra_files),
+        )
+
+    def write(
+        self, directory: Path, model: GPT, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+    ) -> None:
+        write(
+            directory,
+            model,
+            optimizer,
+            state,
+            eos_token_id=self.eos_token_id,
+            extra_files=list(self.extra_files),
+        )
+
+
 # --- reading -------------------------------------------------------------------------------------
 
 
@@ -318,3 +371,72 @@ def prune(root: Path, keep: int) -> Path | None:
 def write_best(root: Path, step: int, val_loss: float, path: str) -> None:
     """Record where the best weights are: `path` is relative to the run directory."""
     atomic_write_json(root / BEST_FILE, {"step": step, "val_loss": val_loss, "path": path})
+
+
+# --- across ranks --------------------------------------------------------------------------------
+
+
+class _FullOptimizerState:
+    """Stands in for the optimizer when a checkpoint is written from a gathered state."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self._state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._state
+
+
+def gather(
+    model: GPT, optimizer: torch.optim.Optimizer, *, fsdp: bool
+) -> tuple[GPT, torch.optim.Optimizer] | None:
+    """What rank 0 writes as a checkpoint: the model and optimizer (None on other ranks).
+
+    Under FSDP every rank must call it: the shards are gathered into full tensors on rank 0's
+    CPU, in a plain `GPT` there, with the optimizer state keyed by parameter name (what
+    `torch.distributed.checkpoint.state_dict` reads back on resume).
+    """
+    if not fsdp:
+        return (model, optimizer) if distributed.is_rank0() else None
+    weights, optim = distributed.full_state(model, optimizer)
+    if not distributed.is_rank0():
+        return None
+    full = GPT(model.cfg)  # on rank 0's CPU, where memory is plentiful
+    full.load_state_dict(weights)
+    return full, cast(torch.optim.Optimizer, _FullOptimizerState(optim))
+
+
+def resume_ranks(
+    root: Path, model: GPT, optimizer: torch.optim.Optimizer, device: torch.device, *, fsdp: bool
+) -> Resume:
+    """`resume` on every rank from the same checkpoint: rank 0 picks it (removing unusable ones,
+    the only writing), the others then read it."""
+    if not distributed.active():
+        return resume(root, model, optimizer, device)
+    found = Resume(None, {}, [])
+    if distributed.is_rank0():
+        if fsdp:
+            probe = GPT(model.cfg)  # a CPU stand-in: the choice is made by reading the files
+            found = resume(root, probe, cast(torch.optim.Optimizer, _Ignore()), torch.device("cpu"))
+        else:
+            found = resume(root, model, optimizer, device)
+    path, warnings = distributed.broadcast((found.path, found.warnings))
+    if path is None:
+        return Resume(None, {}, warnings)
+    if fsdp:
+        loaded = load(path, model, torch.device("cpu"))
+        distributed.load_full_state(model, optimizer, loaded.weights, loaded.optimizer)
+        set_rng_state(loaded.rng)
+    elif not distributed.is_rank0():
+        loaded = load(path, model, device)
+        apply(loaded, model, optimizer)
+    else:
+        return found
+    return Resume(path, loaded.state, warnings)
+
+
+class _Ignore:
+    """An optimizer whose state is loaded elsewhere (FSDP resume picks the checkpoint on a
+    stand-in model, then loads it into the shards)."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state

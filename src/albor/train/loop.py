@@ -1,21 +1,23 @@
 """The one training loop (pretrain; distill and finetune pass their objective and parameters).
 
-Per optimizer step: the step's `grad_accum` micro-batches, a pure function of the step built in a
-background thread while the previous step trains; each micro-batch is backpropagated as its sum
-of token losses divided by the number of tokens the whole step scores, so the gradient is that of
-the mean over every token of the step however the tokens fall into micro-batches; then gradient
-clipping that is always on (the ALB-071 lesson: safety never hangs on an optional setting) and
-AdamW with the warmup + cosine schedule. Options: bf16 autocast (fp32 master weights, gradients
-and optimizer; no loss scaling, the ALB-072 lesson), `torch.compile`, activation checkpointing.
+Per optimizer step (`train_step`): the step's `grad_accum` micro-batches, a pure function of the
+step built in a background thread while the previous step trains; each micro-batch is
+backpropagated as its sum of token losses divided by the number of tokens the whole step scores,
+so the gradient is that of the mean over every token of the step however the tokens fall into
+micro-batches; then gradient clipping that is always on (safety never hangs on an optional
+setting) and the optimizer with the warmup + cosine schedule. Options: bf16 autocast (fp32
+master weights, gradients and optimizer; no loss scaling, which bf16's fp32 range makes
+needless), `torch.compile`, activation checkpointing.
 
 A non-finite loss or gradient skips the step (weights and optimizer untouched) and is counted;
 `max_bad_steps` in a row (a finite step resets the count) stop the run with the step, the last
 finite loss and the likely causes. `health.py` warns of runs that learn nothing. Metrics go to
-`metrics.jsonl`; validation every `eval_every` steps. Checkpoints (`checkpoint.py`) every
-`checkpoint_every` steps, when validation improves, and on SIGINT / SIGTERM. A run restarted with
-the same directory resumes from the newest usable checkpoint, even after SIGKILL: batches are
-step-indexed and the weights, optimizer, RNG states, counters and schedule position are all
-restored, so it continues exactly as if never stopped.
+`metrics.jsonl`; validation every `eval_every` steps. Checkpoints, written by the run's
+`Checkpointer`, every `checkpoint_every` steps, when validation improves, and on SIGINT /
+SIGTERM. A run restarted with the same directory resumes from the newest usable checkpoint, even
+after SIGKILL: batches are step-indexed and the weights, optimizer, RNG states, counters
+(`TrainState`) and schedule position are all restored, so it continues exactly as if never
+stopped.
 
 Under torchrun (`distributed.py`) with DDP or FSDP2, each rank takes its slice of the batch one
 process with `micro_batch x world` would draw, the loss is normalised by the step's token count
@@ -26,7 +28,6 @@ of the single process with the global batch. Rank 0 alone writes metrics and che
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -34,68 +35,30 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, cast
+from typing import IO, Any, cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from albor import progress
-from albor.artifact import atomic_write_text
 from albor.data.windows import WindowSampler
 from albor.errors import AlborError, StageFailed
 from albor.model.gpt import GPT
+from albor.track import metrics
+from albor.track.metrics import METRICS_FILE
 from albor.track.plot import write_loss_plot
 from albor.track.runs import RunTracker
 from albor.train import checkpoint, distributed
+from albor.train.batches import Prefetcher, StepBatches
+from albor.train.checkpoint import Checkpointer
 from albor.train.health import Health
+from albor.train.objectives import NextToken, Objective
 from albor.train.optim import lr_at
+from albor.train.settings import Parallelism, Precision, TrainSettings
 
 log = logging.getLogger(__name__)
-
-Precision = Literal["fp32", "bf16"]
-
-
-class Objective(Protocol):
-    """What the loop minimises: a sum of per-token losses, and how many tokens it is over."""
-
-    def targets(self, batch: torch.Tensor) -> int:
-        """Scored tokens in a micro-batch (counted on the CPU copy, before any transfer)."""
-        ...
-
-    def loss_sum(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-        """Sum of the per-token losses of a micro-batch, an fp32 scalar."""
-        ...
-
-
-@dataclass(frozen=True)
-class NextToken:
-    """Next-token cross-entropy. A batch is `(B, T + 1)` windows (every position scored) or
-    `(B, 2, T)` inputs and targets given apart, where targets equal to `ignore_index` are not."""
-
-    ignore_index: int = -100
-
-    def split(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if batch.dim() == 3:
-            return batch[:, 0], batch[:, 1]
-        return batch[:, :-1], batch[:, 1:]
-
-    def targets(self, batch: torch.Tensor) -> int:
-        return int((self.split(batch)[1] != self.ignore_index).sum())
-
-    def loss_sum(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-        inputs, targets = self.split(batch)
-        logits = model(inputs)
-        loss: torch.Tensor = F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]),
-            targets.reshape(-1),
-            ignore_index=self.ignore_index,
-            reduction="sum",
-        )
-        return loss
 
 
 def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager[Any]:
@@ -146,70 +109,69 @@ def accumulate(
     return float(loss_sum) / total  # one device sync per step, not one per micro-batch
 
 
-class Prefetcher:
-    """Builds the next step's micro-batches in a background thread while this step trains.
+def _number(value: Any) -> float:
+    return float(value) if value is not None else float("nan")
 
-    Batches are a pure function of the step, so the thread changes when they are built, never
-    what they are. On CUDA they are pinned, for asynchronous copies to the device.
-    """
 
-    def __init__(
-        self, make: Callable[[int], list[torch.Tensor]], end: int, *, enabled: bool = True
-    ) -> None:
-        self._make = make
-        self._end = end
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="albor-prefetch") if enabled else None
-        self._next: tuple[int, Future[list[torch.Tensor]]] | None = None
-
-    def get(self, step: int) -> list[torch.Tensor]:
-        if self._pool is None:
-            return self._make(step)
-        if self._next is not None and self._next[0] == step:
-            batches = self._next[1].result()
-        else:
-            batches = self._make(step)
-        nxt = step + 1
-        self._next = (nxt, self._pool.submit(self._make, nxt)) if nxt < self._end else None
-        return batches
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def __enter__(self) -> Prefetcher:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+def _json_number(value: float) -> float | None:
+    return None if math.isnan(value) else value  # JSON has no NaN
 
 
 @dataclass
-class LoopSettings:
-    max_steps: int
-    warmup_steps: int
-    lr: float
-    min_lr_ratio: float
-    micro_batch: int
-    grad_accum: int
-    grad_clip: float
-    eval_every: int
-    checkpoint_every: int
-    keep_checkpoints: int
-    log_every: int = 10
-    max_bad_steps: int = 10
-    precision: Precision = "fp32"
-    compile: bool = False
-    activation_checkpointing: bool = False
-    prefetch: bool = True
-    distributed: Literal["none", "ddp", "fsdp"] = "none"
+class TrainState:
+    """What the loop carries from step to step; a checkpoint's `trainer_state.json` holds it."""
 
-    def schedule(self) -> dict[str, Any]:
-        """The LR schedule's settings; with the step, they fix the learning rate."""
+    step: int = 0
+    tokens: int = 0
+    loss: float = float("nan")  # the latest step's mean token loss, finite or not
+    last_finite_loss: float = float("nan")
+    lr: float = 0.0
+    val_loss: float | None = None  # measured at this step, if validation ran
+    best: dict[str, Any] | None = None  # {"step", "val_loss"} of the lowest validation loss
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    skipped_steps: int = 0
+    bad_in_row: int = 0
+    elapsed_s: float = 0.0  # training time over every session of the run
+    resume_warnings: list[str] = field(default_factory=list)
+    loss_reference: float | None = None  # health's first-window mean, carried over a resume
+
+    @classmethod
+    def restore(cls, saved: dict[str, Any]) -> TrainState:
+        """The state a checkpoint saved ({}: a fresh run)."""
+        reference = saved.get("loss_reference")
+        return cls(
+            step=int(saved.get("step", 0)),
+            tokens=int(saved.get("tokens", 0)),
+            last_finite_loss=_number(saved.get("last_finite_loss")),
+            best=saved.get("best"),
+            evals=list(saved.get("evals", [])),
+            skipped_steps=int(saved.get("skipped_steps", 0)),
+            bad_in_row=int(saved.get("bad_in_row", 0)),
+            elapsed_s=float(saved.get("elapsed_s", 0.0)),
+            resume_warnings=list(saved.get("resume_warnings", [])),
+            loss_reference=float(reference) if reference is not None else None,
+        )
+
+    def to_json(self, settings: TrainSettings, data: dict[str, Any]) -> dict[str, Any]:
+        """`trainer_state.json`: the state, with the schedule and data position it belongs to."""
         return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "loss": _json_number(self.loss),
+            "last_finite_loss": _json_number(self.last_finite_loss),
+            "val_loss": self.val_loss,
+            "best": self.best,
             "lr": self.lr,
-            "warmup_steps": self.warmup_steps,
-            "max_steps": self.max_steps,
-            "min_lr_ratio": self.min_lr_ratio,
+            "schedule": settings.schedule(),
+            # The batches are a function of these and the step.
+            "data": {**data, "next_step": self.step},
+            "precision": settings.precision,
+            "skipped_steps": self.skipped_steps,
+            "bad_in_row": self.bad_in_row,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "evals": self.evals,
+            "resume_warnings": self.resume_warnings,
+            "loss_reference": self.loss_reference,
         }
 
 
@@ -227,6 +189,33 @@ class LoopResult:
     resume_warnings: list[str] = field(default_factory=list)
     best: dict[str, Any] | None = None
     state: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Session:
+    """What stays fixed while one process trains: the model as this run wraps it (compiled,
+    DDP), the optimizer and objective, the settings, where files go, and who writes them."""
+
+    model: GPT
+    forward: nn.Module  # `model`, compiled and / or wrapped in DDP
+    optimizer: torch.optim.Optimizer
+    objective: Objective
+    settings: TrainSettings
+    device: torch.device
+    mode: Parallelism
+    world: int  # ranks the batch is spread over (1 without a process group)
+    run_dir: Path
+    checkpointer: Checkpointer
+    data: dict[str, Any]  # what the batches are a function of, besides the step
+    tokens_per_step: int
+    health: Health
+    params: list[nn.Parameter]  # the trainable ones: the gradient clipped is theirs
+    no_sync: Callable[[], contextlib.AbstractContextManager[Any]] | None = None
+    tracker: RunTracker | None = None
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / "checkpoints"
 
 
 class TrainingStopped(AlborError):
@@ -262,285 +251,300 @@ def train(
     model: GPT,
     optimizer: torch.optim.Optimizer,
     sampler: WindowSampler,
-    s: LoopSettings,
+    settings: TrainSettings,
     *,
     device: torch.device,
     run_dir: Path,
-    eos_token_id: int,
-    extra_files: list[Path],
+    checkpointer: Checkpointer,
     evaluate: Callable[[], dict[str, Any]] | None = None,
     objective: Objective | None = None,
     tracker: RunTracker | None = None,
+    label: str = "train",
 ) -> LoopResult:
-    """Train `model` to `s.max_steps`, resuming from `run_dir/checkpoints` if a run was there."""
-    objective = objective or NextToken()
-    ckpt_root = run_dir / "checkpoints"
-    metrics_path = run_dir / "metrics.jsonl"
-    world, rank0 = distributed.world_size(), distributed.is_rank0()
-    mode = s.distributed if distributed.active() else "none"
-    if mode == "none" and distributed.active():
+    """Train `model` to `settings.max_steps`, resuming from `run_dir/checkpoints` if a run was
+    there; `label` names the progress bar."""
+    s = settings
+    rank0 = distributed.is_rank0()
+    mode, world = _parallelism(s)
+    root = run_dir / "checkpoints"
+    resumed = checkpoint.resume_ranks(root, model, optimizer, device, fsdp=mode == "fsdp")
+    st = TrainState.restore(resumed.state)
+    st.resume_warnings += resumed.warnings
+    batches = StepBatches(sampler, s, world, distributed.rank(), pin=device.type == "cuda")
+    data = batches.describe()
+    if resumed.state:
+        _note_changed_settings(st, resumed.state, s, data)
+    forward, no_sync = _wrap(model, s, device, mode)
+    session = Session(
+        model=model,
+        forward=forward,
+        optimizer=optimizer,
+        objective=objective or NextToken(),
+        settings=s,
+        device=device,
+        mode=mode,
+        world=world,
+        run_dir=run_dir,
+        checkpointer=checkpointer,
+        data=data,
+        tokens_per_step=s.tokens_per_step(sampler.seq_len, world),
+        health=Health(warmup_steps=s.warmup_steps, reference=st.loss_reference),
+        params=[p for p in model.parameters() if p.requires_grad],
+        no_sync=no_sync,
+        tracker=tracker,
+    )
+    # Lines after the resume point will be written again; a line cut by a kill is dropped.
+    if rank0:
+        metrics.truncate(run_dir / METRICS_FILE, st.step)
+    if tracker is not None:
+        tracker.truncate(st.step)
+    if resumed.path is not None:
+        log.info("resuming from %s (step %d)", resumed.path, st.step)
+
+    model.train()
+    t0, start_step, elapsed_before = time.perf_counter(), st.step, st.elapsed_s
+    with (
+        _metrics_file(run_dir) as out,
+        _StopSignals() as stop,
+        Prefetcher(batches, s.max_steps, enabled=s.prefetch) as prefetch,
+        progress.bar(label, s.max_steps, completed=st.step) if rank0 else _no_bar() as bar,
+    ):
+        if resumed.path is not None or resumed.warnings:
+            # No numeric fields besides the step: plots read every number as a curve.
+            name = resumed.path.name if resumed.path is not None else None
+            resume = {"event": "resume", "checkpoint": name, "warnings": resumed.warnings}
+            metrics.append(out, {"step": st.step, **resume})
+        while st.step < s.max_steps:
+            grad_norm = train_step(session, st, prefetch.get(st.step))
+            st.step += 1
+            st.tokens += session.tokens_per_step
+            st.elapsed_s = elapsed_before + time.perf_counter() - t0
+            session_s = max(st.elapsed_s - elapsed_before, 1e-9)
+            rate = (st.step - start_step) * session.tokens_per_step / session_s
+            if st.step % s.log_every == 0 or st.step == s.max_steps:
+                _log_step(session, out, st, grad_norm, rate)
+            st.val_loss = None
+            if evaluate is not None and (st.step % s.eval_every == 0 or st.step == s.max_steps):
+                _validate(session, out, st, evaluate)
+            _show(bar, st, rate)
+            # Every rank must stop at the same step, whichever the signal reached first.
+            stopping = distributed.any_rank(stop.signal is not None, device)
+            stopping = stopping and st.step < s.max_steps
+            improved = st.best is not None and st.best["step"] == st.step
+            due = st.step % s.checkpoint_every == 0 or stopping or improved
+            if due and st.step < s.max_steps:
+                path = _save(session, st)
+                distributed.barrier()  # no rank runs ahead of a checkpoint being written
+                if stopping:
+                    name = signal.Signals(stop.signal or signal.SIGTERM).name
+                    raise TrainingStopped(
+                        f"stopped by {name} at step {st.step} of {s.max_steps}: checkpoint "
+                        f"saved to {path or checkpoint.step_dir(root, st.step)}; run the "
+                        "same command again to resume from it"
+                    )
+        if rank0:
+            _record_best(root, st.best, s.max_steps)
+    wall = time.perf_counter() - t0
+    return LoopResult(
+        steps=st.step,
+        tokens=st.tokens,
+        final_loss=st.last_finite_loss,
+        wall_time_s=wall,
+        tokens_per_s=(st.step - start_step) * session.tokens_per_step / max(wall, 1e-9),
+        skipped_steps=st.skipped_steps,
+        resumed_from=checkpoint.step_of(resumed.path) if resumed.path is not None else None,
+        evals=st.evals,
+        warnings=session.health.warnings,
+        resume_warnings=st.resume_warnings,
+        best=_best_location(st.best, s.max_steps),
+        state=_snapshot(session, st),
+    )
+
+
+def train_step(session: Session, st: TrainState, batches: list[torch.Tensor]) -> float:
+    """One optimizer step on `batches` at step `st.step` (0-based); the gradient norm.
+
+    A step whose loss or gradient is not finite is dropped whole (weights and optimizer state
+    stay as they were) and counted; `max_bad_steps` of them in a row stop the run.
+    """
+    s, optimizer = session.settings, session.optimizer
+    st.lr = lr_at(
+        st.step,
+        lr=s.lr,
+        warmup_steps=s.warmup_steps,
+        max_steps=s.max_steps,
+        min_lr_ratio=s.min_lr_ratio,
+    )
+    for group in optimizer.param_groups:
+        group["lr"] = st.lr
+    optimizer.zero_grad(set_to_none=True)
+    st.loss = accumulate(
+        session.forward,
+        session.objective,
+        batches,
+        session.device,
+        s.precision,
+        no_sync=session.no_sync,
+    )
+    # The full gradient's norm: DDP has averaged it, FSDP's DTensors reduce it.
+    grad_norm = distributed.to_float(torch.nn.utils.clip_grad_norm_(session.params, s.grad_clip))
+    if math.isfinite(st.loss) and math.isfinite(grad_norm):
+        optimizer.step()
+        st.bad_in_row = 0
+        st.last_finite_loss = st.loss
+        session.health.step(st.step, st.loss, grad_norm)
+        return grad_norm
+    st.skipped_steps += 1
+    st.bad_in_row += 1
+    log.warning(
+        "step %d: loss %s, gradient norm %s: step skipped (%d in a row; max_bad_steps %d)",
+        st.step + 1,
+        st.loss,
+        grad_norm,
+        st.bad_in_row,
+        s.max_bad_steps,
+    )
+    if st.bad_in_row >= s.max_bad_steps:
+        raise StageFailed(_bad_steps_message(st, s))
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def _parallelism(s: TrainSettings) -> tuple[Parallelism, int]:
+    """The parallelism in force and the world the batch is spread over."""
+    if not distributed.active():
+        return "none", 1
+    mode, world = s.parallelism(), distributed.world_size()
+    if mode == "none":
         raise AlborError(
             f"distributed: none in a job of {world} processes would train {world} unrelated "
             "copies: set distributed: ddp (or fsdp), or launch one process"
         )
-    world = world if mode != "none" else 1
-    resumed = _resume(ckpt_root, model, optimizer, device, fsdp=mode == "fsdp")
-    st = resumed.state
-    step, tokens = int(st.get("step", 0)), int(st.get("tokens", 0))
-    evals: list[dict[str, Any]] = list(st.get("evals", []))
-    skipped, bad_in_row = int(st.get("skipped_steps", 0)), int(st.get("bad_in_row", 0))
-    last = st.get("last_finite_loss")
-    last_finite = float(last) if last is not None else float("nan")
-    best: dict[str, Any] | None = st.get("best")
-    elapsed_before = float(st.get("elapsed_s", 0.0))
-    resume_warnings = [*st.get("resume_warnings", []), *resumed.warnings]
-    data = {
-        "seed": sampler.seed,
-        "seq_len": sampler.seq_len,
-        "micro_batch": s.micro_batch,
-        "grad_accum": s.grad_accum,
-    }
-    if world > 1:  # absent for one process, so single-process checkpoints read as before
-        data["world_size"] = world
-    if st:
-        then = {"world_size": 1, **st.get("schedule", {}), **st.get("data", {})}
-        then.pop("next_step", None)
-        now = {"world_size": 1, **s.schedule(), **data}
-        if then != now:
-            # Not an error (a deliberate change of schedule is legitimate), but the run is then
-            # no longer the one the checkpoint belonged to, and the record says so.
-            changed = sorted(k for k in now if then.get(k) != now[k])
-            resume_warnings.append(
-                f"{', '.join(changed)} changed since the checkpoint: the run continues with the "
-                "new settings, so it differs from an uninterrupted run"
-            )
-            log.warning(resume_warnings[-1])
-    # Lines after the resume point will be written again; a line cut by a kill is dropped.
-    if rank0:
-        _truncate_metrics(metrics_path, step)
-    if tracker is not None:
-        tracker.truncate(step)
-    tokens_per_step = s.micro_batch * s.grad_accum * sampler.seq_len * world
-    if resumed.path is not None:
-        log.info("resuming from %s (step %d)", resumed.path, step)
+    return mode, world
 
+
+def _note_changed_settings(
+    st: TrainState, saved: dict[str, Any], s: TrainSettings, data: dict[str, Any]
+) -> None:
+    """Record a resume under another schedule or data order than the checkpoint's. Not an error
+    (a deliberate change of schedule is legitimate), but the run is then no longer the one the
+    checkpoint belonged to, and the record says so."""
+    then = {"world_size": 1, **saved.get("schedule", {}), **saved.get("data", {})}
+    then.pop("next_step", None)
+    now = {"world_size": 1, **s.schedule(), **data}
+    if then != now:
+        changed = sorted(k for k in now if then.get(k) != now[k])
+        st.resume_warnings.append(
+            f"{', '.join(changed)} changed since the checkpoint: the run continues with the "
+            "new settings, so it differs from an uninterrupted run"
+        )
+        log.warning(st.resume_warnings[-1])
+
+
+def _wrap(
+    model: GPT, s: TrainSettings, device: torch.device, mode: Parallelism
+) -> tuple[nn.Module, Callable[[], contextlib.AbstractContextManager[Any]] | None]:
+    """The model as this run calls it (activation checkpointing, compiled, in DDP), and the
+    wrapper's way to skip a gradient reduction (None: there is none to skip)."""
     model.activation_checkpointing = s.activation_checkpointing
-    forward_model = cast(nn.Module, torch.compile(model)) if s.compile else model
-    no_sync: Callable[[], contextlib.AbstractContextManager[Any]] | None = None
+    forward = cast(nn.Module, torch.compile(model)) if s.compile else model
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
-        ddp = DistributedDataParallel(forward_model, device_ids=ids)
-        forward_model, no_sync = ddp, ddp.no_sync
-    elif mode == "fsdp":
-        no_sync = distributed.fsdp_no_sync(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    pin = device.type == "cuda"
-    me = distributed.rank()
-
-    def make(at: int) -> list[torch.Tensor]:
-        if world == 1:
-            out = [sampler.batch(at, micro, s.micro_batch) for micro in range(s.grad_accum)]
-        else:
-            # This rank's slice of the batch one process with micro_batch x world would draw.
-            lo, hi = me * s.micro_batch, (me + 1) * s.micro_batch
-            out = [
-                sampler.batch(at, micro, s.micro_batch * world)[lo:hi]
-                for micro in range(s.grad_accum)
-            ]
-        return [b.pin_memory() for b in out] if pin else out
-
-    def save(directory: Path, val_loss: float | None) -> Path | None:
-        """Write a checkpoint from rank 0 (FSDP: every rank gathers, rank 0 writes)."""
-        found = gather_for_save(model, optimizer, fsdp=mode == "fsdp")
-        if found is None:
-            return None
-        full, full_optimizer = found
-        path = checkpoint.save(
-            directory,
-            full,
-            full_optimizer,
-            trainer_state(val_loss),
-            eos_token_id=eos_token_id,
-            extra_files=extra_files,
-        )
-        checkpoint.prune(ckpt_root, s.keep_checkpoints)
-        _record_best(ckpt_root, best, s.max_steps)
-        health.checkpoint(step, full)
-        write_loss_plot(run_dir)
-        return path
-
-    def trainer_state(val_loss: float | None) -> dict[str, Any]:
-        return {
-            "step": step,
-            "tokens": tokens,
-            "loss": None if math.isnan(loss_value) else loss_value,  # JSON has no NaN
-            "last_finite_loss": None if math.isnan(last_finite) else last_finite,
-            "val_loss": val_loss,
-            "best": best,
-            "lr": lr,
-            "schedule": s.schedule(),
-            "data": {**data, "next_step": step},  # batches are a function of these and the step
-            "precision": s.precision,
-            "skipped_steps": skipped,
-            "bad_in_row": bad_in_row,
-            "elapsed_s": round(elapsed, 3),
-            "evals": evals,
-            "resume_warnings": resume_warnings,
-            **health.state(),
-        }
-
-    model.train()
-    t0 = time.perf_counter()
-    start_step = step
-    reference = st.get("loss_reference")
-    health = Health(
-        warmup_steps=s.warmup_steps, reference=float(reference) if reference is not None else None
-    )
-    loss_value, lr, elapsed, val_loss = float("nan"), 0.0, elapsed_before, None
-    # Only rank 0 writes; the others write their (identical) lines nowhere.
-    metrics = open(metrics_path if rank0 else os.devnull, "a", encoding="utf-8")  # noqa: SIM115
-    try:
-        if resumed.path is not None or resumed.warnings:
-            # No numeric fields besides the step: plots read every number as a curve.
-            name = resumed.path.name if resumed.path is not None else None
-            _write(
-                metrics,
-                {"step": step, "event": "resume", "checkpoint": name, "warnings": resumed.warnings},
-            )
-        with (
-            _StopSignals() as stop,
-            Prefetcher(make, s.max_steps, enabled=s.prefetch) as prefetch,
-            progress.bar("pretrain", s.max_steps, completed=step) if rank0 else _no_bar() as bar,
-        ):
-            while step < s.max_steps:
-                lr = lr_at(
-                    step,
-                    lr=s.lr,
-                    warmup_steps=s.warmup_steps,
-                    max_steps=s.max_steps,
-                    min_lr_ratio=s.min_lr_ratio,
-                )
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                batches = prefetch.get(step)
-                optimizer.zero_grad(set_to_none=True)
-                loss_value = accumulate(
-                    forward_model, objective, batches, device, s.precision, no_sync=no_sync
-                )
-                # The full gradient's norm: DDP has averaged it, FSDP's DTensors reduce it.
-                grad_norm = distributed.to_float(
-                    torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
-                )
-                if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-                    # The update is dropped whole: weights and optimizer state stay as they were.
-                    skipped += 1
-                    bad_in_row += 1
-                    log.warning(
-                        "step %d: loss %s, gradient norm %s: step skipped (%d in a row; "
-                        "max_bad_steps %d)",
-                        step + 1,
-                        loss_value,
-                        grad_norm,
-                        bad_in_row,
-                        s.max_bad_steps,
-                    )
-                    if bad_in_row >= s.max_bad_steps:
-                        raise StageFailed(_bad_steps_message(step, bad_in_row, last_finite, s))
-                    optimizer.zero_grad(set_to_none=True)
-                else:
-                    optimizer.step()
-                    bad_in_row = 0
-                    last_finite = loss_value
-                    health.step(step, loss_value, grad_norm)
-                step += 1
-                tokens += tokens_per_step
-                elapsed = elapsed_before + time.perf_counter() - t0
-                session = max(elapsed - elapsed_before, 1e-9)
-                rate = (step - start_step) * tokens_per_step / session
-                if step % s.log_every == 0 or step == s.max_steps:
-                    record: dict[str, Any] = {
-                        "step": step,
-                        "loss": loss_value,  # unrounded: a resumed run must match it exactly
-                        "lr": lr,
-                        "grad_norm": grad_norm,
-                        "tokens": tokens,
-                        "tokens_per_s": round(rate, 1),
-                        "elapsed_s": round(elapsed, 2),
-                    }
-                    _write(metrics, record)
-                    if tracker is not None:
-                        tracker.log(**record)
-                val_loss = None
-                if evaluate is not None and (step % s.eval_every == 0 or step == s.max_steps):
-                    # FSDP's forward needs every rank; under DDP rank 0 validates alone.
-                    result = {"step": step, **evaluate()} if rank0 or mode == "fsdp" else {}
-                    if mode == "ddp":
-                        result = distributed.broadcast(result)
-                    evals.append(result)
-                    _write(metrics, result)
-                    if tracker is not None:
-                        tracker.log(**result)
-                    if isinstance(result.get("val_loss"), int | float):
-                        val_loss = float(result["val_loss"])
-                        if best is None or val_loss < best["val_loss"]:
-                            best = {"step": step, "val_loss": val_loss}
-                shown: dict[str, object] = {"step": step, "loss": f"{loss_value:.4f}"}
-                shown["tok/s"] = f"{rate:,.0f}"
-                if skipped:
-                    shown["skipped"] = skipped
-                bar.update(completed=step, fields=shown)
-                # Every rank must stop at the same step, whichever the signal reached first.
-                stopping = distributed.any_rank(stop.signal is not None, device)
-                stopping = stopping and step < s.max_steps
-                improved = best is not None and best["step"] == step
-                due = step % s.checkpoint_every == 0 or stopping or improved
-                if due and step < s.max_steps:
-                    path = save(checkpoint.step_dir(ckpt_root, step), val_loss)
-                    distributed.barrier()  # no rank runs ahead of a checkpoint being written
-                    if stopping:
-                        name = signal.Signals(stop.signal or signal.SIGTERM).name
-                        raise TrainingStopped(
-                            f"stopped by {name} at step {step} of {s.max_steps}: checkpoint "
-                            f"saved to {path or checkpoint.step_dir(ckpt_root, step)}; run the "
-                            "same command again to resume from it"
-                        )
-        if rank0:
-            _record_best(ckpt_root, best, s.max_steps)
-    finally:
-        metrics.close()
-    wall = time.perf_counter() - t0
-    done = step - start_step
-    return LoopResult(
-        steps=step,
-        tokens=tokens,
-        final_loss=last_finite,
-        wall_time_s=wall,
-        tokens_per_s=done * tokens_per_step / max(wall, 1e-9),
-        skipped_steps=skipped,
-        resumed_from=checkpoint.step_of(resumed.path) if resumed.path is not None else None,
-        evals=evals,
-        warnings=health.warnings,
-        resume_warnings=resume_warnings,
-        best=_best_location(best, s.max_steps),
-        state=trainer_state(val_loss),
-    )
+        ddp = DistributedDataParallel(forward, device_ids=ids)
+        return ddp, ddp.no_sync
+    if mode == "fsdp":
+        return forward, distributed.fsdp_no_sync(model)
+    return forward, None
 
 
-def _bad_steps_message(step: int, in_row: int, last_finite: float, s: LoopSettings) -> str:
+@contextlib.contextmanager
+def _metrics_file(run_dir: Path) -> Iterator[IO[str]]:
+    """The metrics log, appended to; other ranks write their (identical) lines nowhere."""
+    path = run_dir / METRICS_FILE if distributed.is_rank0() else Path(os.devnull)
+    with open(path, "a", encoding="utf-8") as f:
+        yield f
+
+
+def _log_step(
+    session: Session, out: IO[str], st: TrainState, grad_norm: float, rate: float
+) -> None:
+    record: dict[str, Any] = {
+        "step": st.step,
+        "loss": st.loss,  # unrounded: a resumed run must match it exactly
+        "lr": st.lr,
+        "grad_norm": grad_norm,
+        "tokens": st.tokens,
+        "tokens_per_s": round(rate, 1),
+        "elapsed_s": round(st.elapsed_s, 2),
+    }
+    metrics.append(out, record)
+    if session.tracker is not None:
+        session.tracker.log(**record)
+
+
+def _validate(
+    session: Session, out: IO[str], st: TrainState, evaluate: Callable[[], dict[str, Any]]
+) -> None:
+    """Run the validation, log it, and keep the best validation loss so far."""
+    # FSDP's forward needs every rank; under DDP rank 0 validates alone.
+    rank0 = distributed.is_rank0()
+    result = {"step": st.step, **evaluate()} if rank0 or session.mode == "fsdp" else {}
+    if session.mode == "ddp":
+        result = distributed.broadcast(result)
+    st.evals.append(result)
+    metrics.append(out, result)
+    if session.tracker is not None:
+        session.tracker.log(**result)
+    if isinstance(result.get("val_loss"), int | float):
+        st.val_loss = float(result["val_loss"])
+        if st.best is None or st.val_loss < st.best["val_loss"]:
+            st.best = {"step": st.step, "val_loss": st.val_loss}
+
+
+def _show(bar: progress.Bar, st: TrainState, rate: float) -> None:
+    shown: dict[str, object] = {"step": st.step, "loss": f"{st.loss:.4f}", "tok/s": f"{rate:,.0f}"}
+    if st.skipped_steps:
+        shown["skipped"] = st.skipped_steps
+    bar.update(completed=st.step, fields=shown)
+
+
+def _snapshot(session: Session, st: TrainState) -> dict[str, Any]:
+    """The trainer state a checkpoint written now holds."""
+    st.loss_reference = session.health.reference
+    return st.to_json(session.settings, session.data)
+
+
+def _save(session: Session, st: TrainState) -> Path | None:
+    """Write this step's checkpoint from rank 0 (FSDP: every rank gathers, rank 0 writes)."""
+    found = checkpoint.gather(session.model, session.optimizer, fsdp=session.mode == "fsdp")
+    if found is None:
+        return None
+    full, full_optimizer = found
+    root = session.checkpoints
+    directory = checkpoint.step_dir(root, st.step)
+    path = session.checkpointer.save(directory, full, full_optimizer, _snapshot(session, st))
+    checkpoint.prune(root, session.settings.keep_checkpoints)
+    _record_best(root, st.best, session.settings.max_steps)
+    session.health.checkpoint(st.step, full)
+    write_loss_plot(session.run_dir)
+    return path
+
+
+def _bad_steps_message(st: TrainState, s: TrainSettings) -> str:
     """Why the run stopped, where, and what usually causes it."""
-    last = "none yet" if math.isnan(last_finite) else f"{last_finite:.4f}"
+    last = "none yet" if math.isnan(st.last_finite_loss) else f"{st.last_finite_loss:.4f}"
     if s.precision == "fp32":
         overflow = "overflow in the activations (often the learning rate again)"
     else:
         overflow = f"overflow in {s.precision} (try precision: fp32)"
     return (
-        f"training stopped at step {step + 1} of {s.max_steps}: {in_row} steps in a row had a "
-        f"non-finite loss or gradient (max_bad_steps {s.max_bad_steps}; last finite loss "
-        f"{last}). Likely causes: a learning rate too high (lower lr, now {s.lr:g}), a warmup "
-        f"too short (raise warmup_steps, now {s.warmup_steps}), bad data (check the tokenize "
-        f"output), or {overflow}"
+        f"training stopped at step {st.step + 1} of {s.max_steps}: {st.bad_in_row} steps in a "
+        f"row had a non-finite loss or gradient (max_bad_steps {s.max_bad_steps}; last finite "
+        f"loss {last}). Likely causes: a learning rate too high (lower lr, now {s.lr:g}), a "
+        f"warmup too short (raise warmup_steps, now {s.warmup_steps}), bad data (check the "
+        f"tokenize output), or {overflow}"
     )
 
 
@@ -548,74 +552,6 @@ def _bad_steps_message(step: int, in_row: int, last_finite: float, s: LoopSettin
 def _no_bar() -> Iterator[progress.Bar]:
     """The progress bar of a rank other than 0: none."""
     yield progress.Bar(None)
-
-
-class _FullOptimizerState:
-    """Stands in for the optimizer when a checkpoint is written from a gathered state."""
-
-    def __init__(self, state: dict[str, Any]) -> None:
-        self._state = state
-
-    def state_dict(self) -> dict[str, Any]:
-        return self._state
-
-
-def gather_for_save(
-    model: GPT, optimizer: torch.optim.Optimizer, *, fsdp: bool
-) -> tuple[GPT, torch.optim.Optimizer] | None:
-    """What rank 0 writes as a checkpoint: the model and optimizer (None on other ranks).
-
-    Under FSDP every rank must call it: the shards are gathered into full tensors on rank 0's
-    CPU, in a plain `GPT` there, with the optimizer state keyed by parameter name (what
-    `torch.distributed.checkpoint.state_dict` reads back on resume).
-    """
-    if not fsdp:
-        return (model, optimizer) if distributed.is_rank0() else None
-    weights, optim = distributed.full_state(model, optimizer)
-    if not distributed.is_rank0():
-        return None
-    full = GPT(model.cfg)  # on rank 0's CPU, where memory is plentiful
-    full.load_state_dict(weights)
-    return full, cast(torch.optim.Optimizer, _FullOptimizerState(optim))
-
-
-def _resume(
-    root: Path, model: GPT, optimizer: torch.optim.Optimizer, device: torch.device, *, fsdp: bool
-) -> checkpoint.Resume:
-    """`checkpoint.resume` on every rank from the same checkpoint: rank 0 picks it (removing
-    unusable ones, the only writing), the others then read it."""
-    if not distributed.active():
-        return checkpoint.resume(root, model, optimizer, device)
-    found = checkpoint.Resume(None, {}, [])
-    if distributed.is_rank0():
-        if fsdp:
-            probe = GPT(model.cfg)  # a CPU stand-in: the choice is made by reading the files
-            found = checkpoint.resume(
-                root, probe, cast(torch.optim.Optimizer, _Ignore()), torch.device("cpu")
-            )
-        else:
-            found = checkpoint.resume(root, model, optimizer, device)
-    path, warnings = distributed.broadcast((found.path, found.warnings))
-    if path is None:
-        return checkpoint.Resume(None, {}, warnings)
-    if fsdp:
-        loaded = checkpoint.load(path, model, torch.device("cpu"))
-        distributed.load_full_state(model, optimizer, loaded.weights, loaded.optimizer)
-        checkpoint.set_rng_state(loaded.rng)
-    elif not distributed.is_rank0():
-        loaded = checkpoint.load(path, model, device)
-        checkpoint.apply(loaded, model, optimizer)
-    else:
-        return found
-    return checkpoint.Resume(path, loaded.state, warnings)
-
-
-class _Ignore:
-    """An optimizer whose state is loaded elsewhere (FSDP resume picks the checkpoint on a
-    stand-in model, then loads it into the shards)."""
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        del state
 
 
 def _best_location(best: dict[str, Any] | None, max_steps: int) -> dict[str, Any] | None:
@@ -633,24 +569,3 @@ def _record_best(root: Path, best: dict[str, Any] | None, max_steps: int) -> Non
     found = _best_location(best, max_steps)
     if found is not None:
         checkpoint.write_best(root, found["step"], found["val_loss"], found["path"])
-
-
-def _write(f: Any, record: dict[str, Any]) -> None:
-    f.write(json.dumps(record) + "\n")
-    f.flush()
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines written after the step we resume from (they are about to be written
-    again) and any line a kill cut short; atomically, so a second kill cannot lose the log."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and int(record.get("step", 0)) <= step:
-            keep.append(line)
-    atomic_write_text(path, "".join(line + "\n" for line in keep))

@@ -30,6 +30,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+from albor.artifact import partial_dir
+from albor.track import metrics
+from albor.track.metrics import METRICS_FILE
 from albor.track.runs import STATE_FILE, read_state
 
 log = logging.getLogger(__name__)
@@ -140,7 +143,7 @@ def last_step_and_loss(run_dir: Path) -> tuple[int | None, float | None]:
     last = last if isinstance(last, dict) else {}
     loss = last.get("loss") if isinstance(last.get("loss"), (int, float)) else None
     if loss is None:
-        for record in reversed(_tail_records(run_dir / "metrics.jsonl")):
+        for record in reversed(metrics.tail(run_dir / METRICS_FILE)):
             if isinstance(record.get("loss"), (int, float)):
                 loss = float(record["loss"])
                 if step is None and isinstance(record.get("step"), int):
@@ -149,30 +152,10 @@ def last_step_and_loss(run_dir: Path) -> tuple[int | None, float | None]:
     return step, loss
 
 
-def _tail_records(path: Path, size: int = 64 * 1024) -> list[dict[str, Any]]:
-    """The JSON objects on the last lines of a (possibly large, possibly half-written) file."""
-    try:
-        with path.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - size))
-            lines = f.read().decode("utf-8", "replace").splitlines()
-    except OSError:
-        return []
-    records = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
 def heartbeat(run_dir: Path) -> tuple[Any, int]:
     """What moves while a run makes progress: its step and the size of its metrics file."""
     try:
-        size = (run_dir / "metrics.jsonl").stat().st_size
+        size = (run_dir / METRICS_FILE).stat().st_size
     except OSError:
         size = -1
     return read_state(run_dir).get("step"), size
@@ -183,7 +166,7 @@ def stage_run_dir(output: Path) -> Callable[[], Path]:
     directory the output is in (a crash before the partial dir exists, or after the swap)."""
 
     def resolve() -> Path:
-        partial = output.parent / f".{output.name}.partial"
+        partial = partial_dir(output)
         return partial if partial.is_dir() else output.parent
 
     return resolve

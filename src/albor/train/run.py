@@ -1,0 +1,251 @@
+"""A training run from start to artifact: what a training stage's `apply` calls.
+
+`run` builds the model once (on the meta device, then materialised and initialised under the
+seed), the optimizer, the data sampler and the validation, opens the run tracker, runs the loop
+(`loop.py`), writes the final weights with the run's checkpointer and the loss plot, and returns
+the figures the stage reports. The stage supplies what differs between stages: the data, the
+objective and the checkpointer.
+
+    setup = preflight.setup(cfg, cfg)                  # what plan resolved, resolved the same way
+    data = TokenData.open(cfg.data, setup.seq_len, cfg.seed)
+    return run(cfg, setup, data, ctx, stage=NAME, objective=NextToken())
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from albor.data.windows import WindowSampler
+from albor.model.estimate import flops_per_token, format_count
+from albor.model.gpt import GPT
+from albor.stage import ApplyContext, Outcome
+from albor.train import preflight
+from albor.train.checkpoint import Checkpointer, FullCheckpointer
+from albor.train.loop import LoopResult
+from albor.train.objectives import Objective
+from albor.train.preflight import Setup
+from albor.train.settings import TrainSettings
+
+
+@dataclass
+class TokenData:
+    """A tokenize artifact as a run reads it: training windows, validation shards, the bytes of
+    each token (for bits per byte), the eos id and the tokenizer's files."""
+
+    directory: Path
+    sampler: WindowSampler
+    val_shards: list[np.ndarray]
+    token_bytes: np.ndarray
+    eos_id: int
+    tokenizer_files: tuple[Path, ...]
+
+    @classmethod
+    def open(cls, directory: Path, seq_len: int, seed: int) -> TokenData:
+        from albor.data.bpe import TOKENIZER_FILES, load_tokenizer, token_byte_lengths
+        from albor.data.shards import TokenIndex, open_split
+
+        index = TokenIndex.load(directory)
+        return cls(
+            directory=directory,
+            sampler=WindowSampler(open_split(directory, "train"), seq_len, seed),
+            val_shards=open_split(directory, "val") if "val" in index.splits else [],
+            token_bytes=token_byte_lengths(load_tokenizer(directory)),
+            eos_id=index.eos_id,
+            tokenizer_files=tuple(directory / f for f in TOKENIZER_FILES),
+        )
+
+    def checkpointer(self) -> Checkpointer:
+        """Full-model checkpoints that each load on their own with this tokenizer."""
+        return FullCheckpointer(self.eos_id, self.tokenizer_files)
+
+
+def build_model(setup: Setup, seed: int, device: torch.device) -> GPT:
+    """The model with its initial weights, drawn once: built on the meta device (no memory, no
+    random numbers), then materialised where it trains and initialised under `seed`."""
+    from albor.train import distributed
+
+    with torch.device("meta"):
+        model = GPT(setup.model)
+    torch.manual_seed(seed)  # the same on every rank: replicas start equal
+    if setup.mode == "fsdp" and distributed.active():
+        # Initialised on the CPU, sharded block by block; fully_shard moves each shard to the
+        # device.
+        model.to_empty(device="cpu")
+        model.init_weights()
+        distributed.shard(model, list(model.model.layers))
+    else:
+        model.to_empty(device=device)
+        model.init_weights()
+    return model
+
+
+def validation(
+    model: GPT, data: TokenData, settings: TrainSettings, seq_len: int, device: torch.device
+) -> Callable[[], dict[str, Any]] | None:
+    """The validation the loop runs every `eval_every` steps (None: no val split large enough
+    for one window, or `eval_tokens: 0`)."""
+    from albor.data.windows import eval_windows
+    from albor.evals.perplexity import score_model
+
+    if settings.eval_tokens == 0 or not any(len(s) > seq_len for s in data.val_shards):
+        return None
+
+    def evaluate() -> dict[str, Any]:
+        # In fp32 whatever the training precision: the figure compared across runs.
+        windows = eval_windows(data.val_shards, seq_len, settings.eval_tokens, settings.micro_batch)
+        s = score_model(model, windows, data.token_bytes, str(device))
+        return {
+            "val_loss": round(s.loss, 5),
+            "val_bpb": round(s.bits_per_byte, 5),
+            "val_ppl": round(s.perplexity, 3),
+            "val_tokens": s.tokens,
+        }
+
+    return evaluate
+
+
+def run(
+    settings: TrainSettings,
+    setup: Setup,
+    data: TokenData,
+    ctx: ApplyContext,
+    *,
+    stage: str,
+    config: dict[str, Any],
+    objective: Objective,
+) -> Outcome:
+    """Train to the end (or resume and finish) and write the final weights to `ctx.out`.
+    `config` is what the run tracker records of the stage's config."""
+    threads = torch.get_num_threads()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    try:
+        return _run(settings, setup, data, ctx, stage, config, objective)
+    finally:
+        torch.set_num_threads(threads)  # the caller's process keeps its own setting
+
+
+def _run(
+    settings: TrainSettings,
+    setup: Setup,
+    data: TokenData,
+    ctx: ApplyContext,
+    stage: str,
+    config: dict[str, Any],
+    objective: Objective,
+) -> Outcome:
+    from albor.track import metrics
+    from albor.track.metrics import METRICS_FILE
+    from albor.track.plot import write_loss_plot
+    from albor.track.runs import RunTracker, db_path_for
+    from albor.train import checkpoint, distributed
+    from albor.train.loop import train
+    from albor.train.optim import build_adamw
+
+    preflight.require_launch(settings)
+    if distributed.launched():
+        device = distributed.init(setup.device)
+    else:
+        device = torch.device(setup.device)
+    model = build_model(setup, settings.seed, device)
+    optimizer = build_adamw(
+        model, settings.lr, settings.weight_decay, settings.betas, settings.eps, device
+    )
+    checkpointer = data.checkpointer()
+    fsdp = setup.mode == "fsdp"
+
+    def train_to_end(tracker: RunTracker | None = None) -> LoopResult:
+        return train(
+            model,
+            optimizer,
+            data.sampler,
+            settings,
+            device=device,
+            run_dir=ctx.out,
+            checkpointer=checkpointer,
+            evaluate=validation(model, data, settings, setup.seq_len, device),
+            objective=objective,
+            tracker=tracker,
+            label=stage,
+        )
+
+    if not distributed.is_rank0():
+        # Trains in step with rank 0 and writes nothing: no tracker, no final weights.
+        train_to_end()
+        checkpoint.gather(model, optimizer, fsdp=fsdp)
+        return Outcome(summary=f"rank {distributed.rank()} done", metrics={})
+    parameters = model.num_params()
+    tracker = RunTracker.open(
+        db_path_for(ctx.out),
+        ctx.name,
+        stage,
+        ctx.out,
+        config,
+        info={
+            "parameters": parameters,
+            "flops_per_token": flops_per_token(setup.model, setup.seq_len),
+            "device": str(device),
+        },
+    )
+    with tracker:  # an exception marks the run failed; a clean stop marks it stopped
+        result = train_to_end(tracker)
+        full = checkpoint.gather(model, optimizer, fsdp=fsdp)
+        assert full is not None  # rank 0
+        checkpointer.write(ctx.out, full[0], full[1], result.state)
+        first = metrics.first(ctx.out / METRICS_FILE, "loss")
+        figures = _figures(result, settings, parameters, data, first)
+        summary = _summary(result, figures)
+        write_loss_plot(ctx.out)  # the artifact's plot covers the whole run
+        tracker.finish("done", figures)
+    return Outcome(summary=summary, metrics=figures)
+
+
+def _figures(
+    result: LoopResult,
+    settings: TrainSettings,
+    parameters: int,
+    data: TokenData,
+    first_loss: float | None,
+) -> dict[str, Any]:
+    """What the artifact's manifest reports of the run."""
+    return {
+        "parameters": parameters,
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "final_loss": round(result.final_loss, 5),
+        "first_loss": round(first_loss, 5) if first_loss is not None else None,
+        "tokens_per_s": round(result.tokens_per_s, 1),
+        "precision": settings.precision,
+        "skipped_steps": result.skipped_steps,
+        "resumed_from": result.resumed_from,
+        "resume_warnings": result.resume_warnings,
+        "best": result.best,
+        "data_repeats": round(result.tokens / data.sampler.tokens, 3),
+        "warnings": result.warnings,
+        **(result.evals[-1] if result.evals else {}),
+    }
+
+
+def _summary(result: LoopResult, figures: dict[str, Any]) -> str:
+    """One line: size, steps, the loss from first to last, validation, speed, and warnings."""
+    first = figures["first_loss"]
+    shown = "?" if first is None else f"{first:.3f}"
+    summary = (
+        f"{format_count(figures['parameters'])} params, {result.steps} steps, loss "
+        f"{shown} -> {result.final_loss:.3f}"
+    )
+    if "val_bpb" in figures:
+        summary += f", val bits/byte {figures['val_bpb']:.3f}"
+    summary += f", {result.tokens_per_s:,.0f} tok/s"
+    if result.warnings:
+        summary += "; WARNING: " + "; ".join(result.warnings.values())
+    if result.resume_warnings:
+        n = len(result.resume_warnings)
+        summary += f"; {n} resume warning(s), see metrics.resume_warnings"
+    return summary
