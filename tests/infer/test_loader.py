@@ -13,13 +13,8 @@ import transformers
 from tokenizers import Tokenizer
 
 from albor.errors import ArtifactError, ConfigError
-from albor.infer.engine import (
-    Sampling,
-    TorchBackend,
-    completions,
-    generate,
-    make_prompt,
-)
+from albor.infer.completion import completions, make_prompt
+from albor.infer.engine import Sampling, TorchBackend, generate
 from albor.infer.loader import GGUFBackend, load
 from albor.model.gguf import write_gguf
 from albor.model.hf import save_pretrained

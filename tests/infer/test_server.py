@@ -27,7 +27,7 @@ import pytest
 
 from albor.errors import ConfigError
 from albor.infer.api import Limits
-from albor.infer.engine import completions, make_prompt
+from albor.infer.completion import completions, make_prompt
 from albor.infer.loader import load
 from albor.infer.server import Server, create_server
 

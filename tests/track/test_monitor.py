@@ -10,8 +10,9 @@ import pytest
 from rich.console import Console
 
 from albor.errors import ArtifactError
-from albor.track.monitor import Monitor, Snapshot, dashboard, find_run_dir
+from albor.track.monitor import Monitor, Snapshot, find_run_dir
 from albor.track.runs import RunTracker
+from albor.track.views import dashboard
 from track.runmaker import (
     TOKENS_PER_STEP,
     make_run_dir,

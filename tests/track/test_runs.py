@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from albor.errors import ArtifactError
-from albor.track import runs
+from albor.track import importer, queries, runs
 from albor.track.runs import RunTracker
 from track.runmaker import make_run_dir, metric_lines, pretrain_config
 
@@ -27,9 +27,9 @@ def metric_rows(db: Path, run_id: str) -> list[tuple[int, str, float]]:
 def test_import_run_dir_fills_the_database(tmp_path: Path) -> None:
     run_dir = make_run_dir(tmp_path / "pretrain")
     db = tmp_path / runs.DB_NAME
-    run_id = runs.import_run_dir(db, run_dir)
+    run_id = importer.import_run_dir(db, run_dir)
 
-    [row] = runs.list_runs(db)
+    [row] = queries.list_runs(db)
     assert row["id"] == run_id
     assert (row["name"], row["stage"], row["status"], row["source"]) == (
         "pretrain",
@@ -49,19 +49,19 @@ def test_import_run_dir_fills_the_database(tmp_path: Path) -> None:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == runs.SCHEMA_VERSION
 
     # Importing again (or syncing the workdir) changes nothing.
-    assert runs.import_run_dir(db, run_dir) == run_id
-    assert runs.sync_workdir(db, tmp_path) == []
-    assert len(runs.list_runs(db)) == 1
+    assert importer.import_run_dir(db, run_dir) == run_id
+    assert importer.sync_workdir(db, tmp_path) == []
+    assert len(queries.list_runs(db)) == 1
 
 
 def test_import_refuses_what_is_not_a_finished_run(tmp_path: Path) -> None:
     partial = make_run_dir(tmp_path / ".pretrain.partial", manifest=False)
     with pytest.raises(ArtifactError, match=r"manifest\.json"):
-        runs.import_run_dir(tmp_path / "runs.db", partial)
+        importer.import_run_dir(tmp_path / "runs.db", partial)
     finished = make_run_dir(tmp_path / "pretrain")
     (finished / "metrics.jsonl").unlink()
     with pytest.raises(ArtifactError, match="not a training run"):
-        runs.import_run_dir(tmp_path / "runs.db", finished)
+        importer.import_run_dir(tmp_path / "runs.db", finished)
 
 
 def test_tracker_records_a_run_and_its_dir_is_not_imported_twice(tmp_path: Path) -> None:
@@ -74,17 +74,17 @@ def test_tracker_records_a_run_and_its_dir_is_not_imported_twice(tmp_path: Path)
     with RunTracker.open(db, "pretrain", "pretrain", partial, config, info={"params": 5}) as t:
         state = json.loads((partial / runs.STATE_FILE).read_text())
         assert (state["status"], state["run_id"], state["max_steps"]) == ("running", t.run_id, 100)
-        assert runs.list_runs(db)[0]["status"] == "running"  # readable while the run writes
+        assert queries.list_runs(db)[0]["status"] == "running"  # readable while the run writes
         for rec in metric_lines(range(10, 101, 10)):
             t.log(**rec)
         t.log(100, note="text is not a metric", bad=float("nan"))
         t.finish("done", {"final_loss": 2.1, "steps": 100})
-    [row] = runs.list_runs(db)
+    [row] = queries.list_runs(db)
     assert (row["id"], row["status"], row["source"]) == (t.run_id, "done", "tracked")
     assert row["output_dir"] == str(tmp_path / "pretrain")
     assert row["final_loss"] == 2.1
     assert len(metric_rows(db, t.run_id)) == 10 * 6 + 2 * 4
-    detail = runs.show_run(db, t.run_id)
+    detail = queries.show_run(db, t.run_id)
     assert detail["config"] == config and detail["info"] == {"params": 5}
     assert detail["fingerprint"] == "abc123"
     assert [s for s, _ in detail["curves"]["val_loss"]] == [50, 100]
@@ -96,7 +96,7 @@ def test_tracker_records_a_run_and_its_dir_is_not_imported_twice(tmp_path: Path)
         json.dumps({"stage": "pretrain", "name": "pretrain", "outputs": [], "config": config})
     )
     partial.rename(tmp_path / "pretrain")
-    assert runs.sync_workdir(db, tmp_path) == []
+    assert importer.sync_workdir(db, tmp_path) == []
 
 
 def test_tracker_context_records_failure_and_stop(tmp_path: Path) -> None:
@@ -110,7 +110,7 @@ def test_tracker_context_records_failure_and_stop(tmp_path: Path) -> None:
         run_dir.mkdir()
         with pytest.raises(type(exc)), RunTracker.open(db, status, "pretrain", run_dir, {}):
             raise exc
-        detail = runs.show_run(db, status)
+        detail = queries.show_run(db, status)
         assert detail["run"]["status"] == status
         assert "boom" in detail["final_metrics"].get("error", "") or status == "stopped"
 
@@ -128,7 +128,7 @@ def test_restarted_run_keeps_its_id_and_forgets_repeated_steps(tmp_path: Path) -
     second.truncate(30)  # resumed from the step-30 checkpoint
     assert max(step for step, _, _ in metric_rows(db, second.run_id)) == 30
     second.finish("done")
-    assert len(runs.list_runs(db)) == 1
+    assert len(queries.list_runs(db)) == 1
     # A finished run's dir reused for a new run gets a new id.
     third = RunTracker.open(db, "pretrain", "pretrain", run_dir, pretrain_config())
     assert third.run_id != first.run_id
@@ -166,42 +166,44 @@ def test_a_run_whose_process_died_reads_as_interrupted(tmp_path: Path) -> None:
     run_dir.mkdir()
     db = tmp_path / "runs.db"
     t = RunTracker.open(db, "x", "pretrain", run_dir, {})
-    assert runs.list_runs(db)[0]["status"] == "running"
+    assert queries.list_runs(db)[0]["status"] == "running"
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE runs SET pid = ?", (int(dead.stdout),))
-    assert runs.list_runs(db)[0]["status"] == "interrupted"
+    assert queries.list_runs(db)[0]["status"] == "interrupted"
     t.finish("failed")
 
 
 def test_runs_are_named_by_id_prefix_or_name(tmp_path: Path) -> None:
     db = tmp_path / "runs.db"
     ids = [
-        runs.import_run_dir(db, make_run_dir(tmp_path / name, started_at=f"2025-01-0{i}T00:00:00"))
+        importer.import_run_dir(
+            db, make_run_dir(tmp_path / name, started_at=f"2025-01-0{i}T00:00:00")
+        )
         for i, name in enumerate(("first", "second", "cafe"), start=1)
     ]
     with runs.reading(db) as conn:
-        assert runs.resolve_run(conn, ids[1]) == ids[1]
-        assert runs.resolve_run(conn, ids[2][:6]) == ids[2]
-        assert runs.resolve_run(conn, "second") == ids[1]
-        assert runs.resolve_run(conn, "cafe") == ids[2]  # a name before an id prefix
+        assert queries.resolve_run(conn, ids[1]) == ids[1]
+        assert queries.resolve_run(conn, ids[2][:6]) == ids[2]
+        assert queries.resolve_run(conn, "second") == ids[1]
+        assert queries.resolve_run(conn, "cafe") == ids[2]  # a name before an id prefix
         with pytest.raises(ArtifactError, match="no run 'zzz'"):
-            runs.resolve_run(conn, "zzz")
+            queries.resolve_run(conn, "zzz")
         conn.execute("PRAGMA foreign_keys=OFF")  # to rename ids without their metrics
         conn.execute("UPDATE runs SET id = '00' || id")  # force a shared prefix
         conn.commit()
         with pytest.raises(ArtifactError, match="ambiguous"):
-            runs.resolve_run(conn, "00")
+            queries.resolve_run(conn, "00")
     # Stamps without a time zone (written by hand) are taken as UTC.
-    assert runs.show_run(db, "second")["run"]["duration_s"] == pytest.approx(204.8, abs=1)
+    assert queries.show_run(db, "second")["run"]["duration_s"] == pytest.approx(204.8, abs=1)
 
 
 def test_diff_compares_config_curves_and_final_metrics(tmp_path: Path) -> None:
     db = tmp_path / "runs.db"
-    a = runs.import_run_dir(db, make_run_dir(tmp_path / "a"))
-    b = runs.import_run_dir(
+    a = importer.import_run_dir(db, make_run_dir(tmp_path / "a"))
+    b = importer.import_run_dir(
         db, make_run_dir(tmp_path / "b", scale=0.5, lr=1e-3, architecture={"num_layers": 4})
     )
-    d = runs.diff_runs(db, a, b, points=4)
+    d = queries.diff_runs(db, a, b, points=4)
     assert [(r["key"], r["a"], r["b"]) for r in d["config_diff"]] == [
         ("architecture.hidden_size", 64, None),
         ("architecture.num_layers", 2, 4),
@@ -218,12 +220,12 @@ def test_diff_compares_config_curves_and_final_metrics(tmp_path: Path) -> None:
 
 def test_locate_the_database(tmp_path: Path) -> None:
     run_dir = make_run_dir(tmp_path / "w" / "pretrain")
-    assert runs.locate(tmp_path / "w") == (tmp_path / "w" / "runs.db", tmp_path / "w")
-    assert runs.locate(run_dir) == (tmp_path / "w" / "runs.db", tmp_path / "w")
+    assert importer.locate(tmp_path / "w") == (tmp_path / "w" / "runs.db", tmp_path / "w")
+    assert importer.locate(run_dir) == (tmp_path / "w" / "runs.db", tmp_path / "w")
     with pytest.raises(ArtifactError, match="no runs recorded"):
-        runs.prepare(tmp_path)  # a dir with no runs, and no database
+        importer.prepare(tmp_path)  # a dir with no runs, and no database
     with pytest.raises(ArtifactError, match="no such workdir"):
-        runs.locate(tmp_path / "missing")
-    db = runs.prepare(tmp_path / "w")  # imports the run found there
-    assert runs.locate(db) == (db, None)
-    assert len(runs.list_runs(db)) == 1
+        importer.locate(tmp_path / "missing")
+    db = importer.prepare(tmp_path / "w")  # imports the run found there
+    assert importer.locate(db) == (db, None)
+    assert len(queries.list_runs(db)) == 1

@@ -121,7 +121,8 @@ def complete_cmd(
     as_json: bool,
 ) -> None:
     """Complete PREFIX with MODEL, or with --suffix fill in the middle (ends at <|endoftext|>)."""
-    from albor.infer.engine import Sampling, make_prompt, prompt_tokens, stream_completions
+    from albor.infer.completion import make_prompt, prompt_tokens, stream_completions
+    from albor.infer.engine import Sampling
     from albor.infer.loader import load
 
     backend = load(

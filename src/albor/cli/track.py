@@ -40,14 +40,15 @@ def runs_where_option(f: Any) -> Any:
 def runs_ls_cmd(where: Path | None, as_json: bool) -> None:
     """List the runs, newest first: id, name, status, steps, final loss, val bits/byte, tok/s,
     duration, start time."""
-    from albor.track.runs import list_runs, prepare
+    from albor.track.importer import prepare
+    from albor.track.queries import list_runs
 
     db = prepare(where)
     rows = list_runs(db)
     if as_json:
         emit_json({"db": str(db), "runs": rows})
         return
-    from albor.track.monitor import runs_table
+    from albor.track.views import runs_table
 
     out.print(runs_table(rows, f"runs in {db}"))
 
@@ -58,13 +59,14 @@ def runs_ls_cmd(where: Path | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def runs_show_cmd(run: str, where: Path | None, as_json: bool) -> None:
     """Show one run: its summary, loss curve, final metrics and config."""
-    from albor.track.runs import prepare, show_run
+    from albor.track.importer import prepare
+    from albor.track.queries import show_run
 
     detail = show_run(prepare(where), run)
     if as_json:
         emit_json(detail)
         return
-    from albor.track.monitor import run_view
+    from albor.track.views import run_view
 
     out.print(run_view(detail, out.width))
 
@@ -77,13 +79,14 @@ def runs_show_cmd(run: str, where: Path | None, as_json: bool) -> None:
 def runs_diff_cmd(run_a: str, run_b: str, where: Path | None, as_json: bool) -> None:
     """Compare two runs: config key by key, loss curves on one scale and at common steps, final
     metrics, and which is better (val bits/byte, else val loss, else loss)."""
-    from albor.track.runs import diff_runs, prepare
+    from albor.track.importer import prepare
+    from albor.track.queries import diff_runs
 
     diff = diff_runs(prepare(where), run_a, run_b)
     if as_json:
         emit_json(diff)
         return
-    from albor.track.monitor import diff_view
+    from albor.track.views import diff_view
 
     out.print(diff_view(diff, out.width))
 
@@ -99,7 +102,8 @@ def runs_diff_cmd(run_a: str, run_b: str, where: Path | None, as_json: bool) -> 
 def runs_import_cmd(run_dirs: tuple[Path, ...], db: Path | None, as_json: bool) -> None:
     """Add finished run dirs (manifest.json + metrics.jsonl) to a run database; importing one
     twice changes nothing."""
-    from albor.track.runs import db_path_for, import_run_dir
+    from albor.track.importer import import_run_dir
+    from albor.track.runs import db_path_for
 
     done = []
     for run_dir in run_dirs:
@@ -138,7 +142,8 @@ def monitor_cmd(
 
     RUN_DIR is a pretrain output, its .NAME.partial dir while it trains, or a workdir (its most
     recently written run); default ./albor-run. A finished run shows its final state."""
-    from albor.track.monitor import Keys, Monitor, dashboard, find_run_dir
+    from albor.track.monitor import Keys, Monitor, find_run_dir
+    from albor.track.views import dashboard
 
     monitor = Monitor(find_run_dir(run_dir), peak_flops=peak_tflops * 1e12 if peak_tflops else None)
     if as_json:

@@ -212,7 +212,7 @@ class Generator:
         self, task_id: str, prompt: str, s: SamplingConfig, stop: Sequence[str] = STOP_STRINGS
     ) -> list[str]:
         """`s.n` completions of `prompt`, each cut before the first stop string."""
-        from albor.infer.engine import complete
+        from albor.infer.completion import complete
 
         # Room for the document-start EOS and the token that healing re-generates.
         text = self._fit(prompt, self.context - s.max_new_tokens - 2, "end")
@@ -281,7 +281,7 @@ class Generator:
             for task_id, prefix, suffix, mode in items:
                 yield self.infill(task_id, prefix, suffix, mode, s)
             return
-        from albor.infer.engine import make_prompt
+        from albor.infer.completion import make_prompt
 
         def build(backend: Any, item: tuple[str, str, str, Literal["psm", "spm"]]) -> Any:
             _, prefix, suffix, mode = item
@@ -303,7 +303,7 @@ class Generator:
             for task_id, prompt in items:
                 yield self.complete(task_id, prompt, s, stop)
             return
-        from albor.infer.engine import make_prompt
+        from albor.infer.completion import make_prompt
 
         budget = self.context - s.max_new_tokens - 2  # as in `complete`
 
@@ -321,7 +321,8 @@ class Generator:
     ) -> Iterator[list[str]]:
         """Greedy completions of `items`, `s.batch_size` of them to one engine batch, in order;
         `prompt(backend, item)` builds an item's prompt."""
-        from albor.infer.engine import TorchBackend, completions
+        from albor.infer.completion import completions
+        from albor.infer.engine import TorchBackend
 
         backend = TorchBackend(self.model, self.tokenizer)
         for start in range(0, len(items), s.batch_size):

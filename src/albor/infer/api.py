@@ -23,7 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from albor.data.fim import Mode
 from albor.errors import AlborError, ConfigError
-from albor.infer.engine import Backend, Sampling, make_prompt, prompt_tokens, stream_completions
+from albor.infer.completion import make_prompt, prompt_tokens, stream_completions
+from albor.infer.engine import Backend, Sampling
 
 log = logging.getLogger("albor.serve")
 

@@ -52,7 +52,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from albor.data.fim import Mode
 from albor.errors import ConfigError
 from albor.infer.api import CompletionService, Job, Limits, RequestError, parse_request
-from albor.infer.engine import Backend, Delta
+from albor.infer.completion import Delta
+from albor.infer.engine import Backend
 
 log = logging.getLogger("albor.serve")
 

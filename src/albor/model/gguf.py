@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from albor.data.bpe import EOS
 from albor.errors import ArtifactError, ConfigError
 from albor.model.config import ModelConfig
 
@@ -64,7 +65,6 @@ FIM_TOKENS = {
     "fim_mid_token_id": "<|fim_middle|>",
     "fim_pad_token_id": "<|fim_pad|>",
 }
-EOS_TOKEN = "<|endoftext|>"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,7 +328,7 @@ def special_ids(
 ) -> dict[str, int]:
     """eos / pad / FIM ids; EOS from tokenizer_config.json when present, else <|endoftext|>."""
     ids: dict[str, int] = vocab["ids"]
-    eos_name = EOS_TOKEN
+    eos_name = EOS
     pad_name: str | None = None
     cfg_path = directory / "tokenizer_config.json" if directory is not None else None
     if cfg_path is not None and cfg_path.is_file():
