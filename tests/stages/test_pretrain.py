@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -372,3 +373,86 @@ def test_a_learning_rate_far_too_high_stops_the_cli_with_exit_1_and_the_causes(
     assert stopped and int(stopped[1]) < 12, err
     assert "last finite loss" in err and "lower lr" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_max_time_ends_the_run_with_validation_final_weights_and_the_lr_at_its_floor(
+    token_data: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    cfg = tiny(
+        token_data,
+        out,
+        max_steps=10**6,  # the budget ends the run, long before this
+        warmup_steps=5,
+        max_time="2s",
+        precision="auto",
+        eval_every=10**6,
+        checkpoint_every=10**6,
+        log_every=1,
+        threads=1,
+    )
+    m = run_stage(load_stage("pretrain"), cfg).manifest["metrics"]
+    assert m["ended_by"] == "max_time" and 5 < m["steps"] < 10**6
+    assert m["train_time_s"] >= 2.0 and m["max_time_s"] == 2.0
+    assert m["bit_exact_resume"] is False and "val_loss" in m  # validated as at any end
+    assert m["precision"] in ("fp32", "bf16")
+    assert m["precision_reason"].startswith("auto: bf16 matmul ")
+    assert checkpoint.verify(out) == [] and (out / "model.safetensors").is_file()
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if "loss" in r]
+    assert steps[-1]["step"] == m["steps"] and lines[-1]["step"] == m["steps"]
+    rates = [r["lr"] for r in steps]
+    assert all(a >= b for a, b in pairwise(rates[5:]))  # decaying after the warmup
+    peak, floor = 3e-3, 3e-4
+    # By steps the decay has barely begun (step/max_steps ~ 0); by time it is at its end.
+    assert rates[-1] - floor < 0.05 * (peak - floor), rates[-1]
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["train_s"] >= 2.0 and state["warmup_end_s"] > 0
+    assert state["schedule"]["max_time"] == 2.0
+
+
+MUON: dict[str, Any] = dict(
+    optimizer="muon",
+    max_steps=30,
+    warmup_steps=3,
+    seq_len=32,
+    micro_batch=4,
+    grad_accum=2,
+    log_every=1,
+    eval_every=10,
+    eval_tokens=512,
+    checkpoint_every=10,
+    threads=1,
+)
+
+
+def test_muon_learns_and_resumes_bit_for_bit(
+    token_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    straight = tmp_path / "straight"
+    m = run_stage(load_stage("pretrain"), tiny(token_data, straight, **MUON)).manifest["metrics"]
+    assert m["optimizer"] == "muon" and m["final_loss"] < m["first_loss"] - 0.5
+    saved = torch.load(straight / "optimizer.pt", weights_only=True)
+    assert set(saved) == {"muon", "adamw"} and saved["muon"]["state"]  # both were saved
+
+    real = checkpoint.save
+
+    def crash_after_step_20(*args: Any, **kw: Any) -> Path:
+        path = real(*args, **kw)
+        if path.name == "step-0000020":
+            raise StageFailed("simulated crash")
+        return path
+
+    cfg = tiny(token_data, tmp_path / "out", **MUON)
+    monkeypatch.setattr(checkpoint, "save", crash_after_step_20)
+    with pytest.raises(StageFailed, match="simulated crash"):
+        run_stage(load_stage("pretrain"), cfg)
+    monkeypatch.setattr(checkpoint, "save", real)
+    resumed = run_stage(load_stage("pretrain"), cfg).manifest["metrics"]
+    assert resumed["resumed_from"] == 20 and resumed["resume_warnings"] == []
+    assert trajectory(tmp_path / "out") == trajectory(straight)  # exact floats
+    wa, wb = (
+        load_file(straight / "model.safetensors"),
+        load_file(tmp_path / "out" / "model.safetensors"),
+    )
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from albor.data.windows import WindowSampler
-from albor.errors import StageFailed
+from albor.errors import AlborError, ConfigError, StageFailed
 from albor.model.gpt import GPT
 from albor.model.presets import preset
 from albor.track import metrics
@@ -25,7 +25,7 @@ from albor.train.batches import Prefetcher
 from albor.train.checkpoint import FullCheckpointer
 from albor.train.loop import LoopResult, train
 from albor.train.objectives import NextToken
-from albor.train.optim import build_adamw
+from albor.train.optim import build, build_adamw
 from albor.train.settings import TrainSettings
 
 CPU = torch.device("cpu")
@@ -359,3 +359,53 @@ def test_a_learning_run_does_not_warn(tmp_path: Path) -> None:
     assert lines[-1]["loss"] < lines[0]["loss"] - 2.0
     assert result.warnings == {} and result.skipped_steps == 0
     assert result.state["loss_reference"] > lines[-1]["loss"]
+
+
+def test_resuming_in_another_precision_is_recorded(tmp_path: Path) -> None:
+    run(tmp_path, settings(max_steps=4, checkpoint_every=2))  # fp32
+    torch.manual_seed(0)
+    model = GPT(preset("tiny"))
+    s = settings(max_steps=6, checkpoint_every=2, precision="auto")
+    opt = build_adamw(model, s.lr, 0.1, (0.9, 0.95), 1e-8, CPU)
+    with pytest.raises(AlborError, match="precision: auto is resolved by the preflight"):
+        train(
+            model,
+            opt,
+            cycle_sampler(),
+            s,
+            device=CPU,
+            run_dir=tmp_path,
+            checkpointer=FullCheckpointer(eos_token_id=0),
+        )
+    result = train(
+        model,
+        opt,
+        cycle_sampler(),
+        s,
+        device=CPU,
+        run_dir=tmp_path,
+        checkpointer=FullCheckpointer(eos_token_id=0),
+        precision="bf16",  # what auto chose this time
+    )
+    [warning] = result.resume_warnings
+    assert warning.startswith("max_steps, precision changed since the checkpoint"), warning
+    assert result.state["precision"] == "bf16"
+
+
+def test_resuming_with_another_optimizer_is_refused_and_keeps_the_checkpoint(
+    tmp_path: Path,
+) -> None:
+    run(tmp_path, settings(max_steps=4, checkpoint_every=2))  # adamw
+    s = settings(max_steps=4, checkpoint_every=2, optimizer="muon")
+    model = GPT(preset("tiny"))
+    with pytest.raises(ConfigError, match="trained with optimizer: adamw, but this run's config"):
+        train(
+            model,
+            build(model, s, CPU),
+            cycle_sampler(),
+            s,
+            device=CPU,
+            run_dir=tmp_path,
+            checkpointer=FullCheckpointer(eos_token_id=0),
+        )
+    assert (tmp_path / "checkpoints" / "step-0000002").is_dir()  # not taken for damaged

@@ -3,6 +3,7 @@ wall time, `nproc` x `nodes` size the global batch, and apply refuses another wo
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,8 +11,11 @@ import torch
 
 from albor.errors import ConfigError
 from albor.model.estimate import format_bytes
+from albor.plan import Plan
 from albor.stages import pretrain
 from albor.train import hardware, preflight
+from albor.train.settings import model_config
+from helpers import pretrain_config
 
 RUN_350M: dict[str, Any] = dict(
     model="350m",
@@ -98,3 +102,101 @@ def test_a_gpu_that_is_not_here_fails_the_plan_unless_planning_for_a_target() ->
     with pytest.raises(ConfigError, match="set device to cpu or auto"):
         cfg = pretrain.Config(model="tiny", device="cuda", target="h100")
         preflight.setup(cfg, cfg)  # what apply resolves: training needs the device here
+
+
+# ----- precision: auto, max_time and the optimizer at plan time -----------------------------------
+
+
+def checks_of(p: Plan) -> dict[str, str]:
+    return {c.name: f"{c.status}: {c.detail}" for c in p.checks}
+
+
+@pytest.mark.parametrize(("bf16_gflops", "chosen"), [(300.0, "bf16"), (105.0, "fp32")])
+def test_auto_precision_on_a_cpu_follows_the_measured_matmul(
+    token_data: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    bf16_gflops: float,
+    chosen: str,
+) -> None:
+    shapes: list[tuple[int, int, int]] = []
+
+    def measured(shape: tuple[int, int, int], precision: str, threads: int, *_: float) -> float:
+        shapes.append(shape)
+        return (bf16_gflops if precision == "bf16" else 100.0) * 1e9
+
+    monkeypatch.setattr(hardware, "matmul_flops", measured)
+    cfg = pretrain_config(token_data, tmp_path / "o", precision="auto", device="cpu")
+    p = pretrain.plan(cfg)
+    mc = model_config(cfg)
+    # The model's width: a micro-batch's tokens (4 x 64) x hidden x intermediate.
+    assert shapes[:2] == [(4 * 64, mc.hidden_size, mc.intermediate_size)] * 2
+    detail = checks_of(p)["precision"]
+    assert detail.startswith(f"ok: {chosen} (auto: bf16 matmul {bf16_gflops:g} GFLOP/s vs fp32 100")
+    assert p.estimates["precision"]["matmul_gflops"] == {"fp32": 100.0, "bf16": bf16_gflops}
+    assert f"in {chosen} with adamw" in p.actions[0]
+    setup = preflight.setup(cfg, cfg)  # what apply trains with: the same function, same choice
+    assert setup.precision == chosen and setup.precision_reason in detail
+
+
+def test_auto_precision_for_a_target_gpu_reads_its_datasheet() -> None:
+    checks, e = plan(target="a100-80gb", precision="auto")
+    assert checks["precision"] == (
+        "ok: bf16 (auto: a100-80gb runs bf16 at 312 TFLOP/s vs fp32 19.5 (datasheet))"
+    )
+    assert e["device_peak_tflops"] == 312  # the wall time is planned in what auto chose
+
+
+def test_a_precision_set_in_the_config_is_not_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hardware, "matmul_flops", lambda *a: pytest.fail("measured"))
+    cfg = pretrain.Config(model="tiny", device="cpu")
+    assert preflight.setup(cfg, cfg).precision_reason == "precision: fp32 set in the config"
+
+
+def test_max_time_sizes_the_steps_and_is_refused_when_no_step_fits(
+    token_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A fixed peak: on a shared machine two measurements of it differ by more than 2x.
+    monkeypatch.setattr(hardware, "cpu_peak_flops", lambda threads, precision: 20e9)
+
+    def planned(**kw: Any) -> tuple[dict[str, str], dict[str, Any]]:
+        p = pretrain.plan(pretrain_config(token_data, tmp_path / "o", device="cpu", **kw))
+        return checks_of(p), p.estimates
+
+    checks, e = planned(max_steps=10**5)
+    assert "time budget" not in checks and "steps_in_time_budget" not in e
+    step_s = e["wall_time_s"] / 10**5  # the estimate is rounded to 0.1 s: take a long run's
+    # A budget of about 1000 steps in a run of a million: the budget ends it.
+    checks, e = planned(max_steps=10**6, warmup_steps=3, max_time=step_s * 1000)
+    assert checks["time budget"].startswith("ok: max_time ")
+    assert "of max_steps 1,000,000 steps; the learning rate decays" in checks["time budget"]
+    assert e["max_time_s"] == step_s * 1000 and abs(e["steps_in_time_budget"] - 1000) <= 1
+    checks, e = planned(max_steps=30, max_time="1h")
+    assert "outlasts max_steps 30" in checks["time budget"]
+    assert e["steps_in_time_budget"] == 30
+    checks, _ = planned(max_time=1e-12)
+    assert checks["time budget"].startswith("fail: max_time 1e-12 s is shorter than one step")
+    assert "raise max_time" in checks["time budget"]
+    # Refusals are judged at the device's peak, where a step takes the assumed MFU's share of
+    # the estimate: two such steps are longer than one step, shorter than the warmup's three.
+    checks, _ = planned(max_time=step_s * preflight.ASSUMED_MFU * 2, warmup_steps=3)
+    assert checks["time budget"].startswith("fail: max_time")
+    assert "ends within the warmup (3 steps take at least" in checks["time budget"]
+    assert "lower warmup_steps" in checks["time budget"]
+
+
+def test_muon_is_checked_at_plan_time(
+    token_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def planned(**kw: Any) -> dict[str, str]:
+        cfg = pretrain_config(token_data, tmp_path / "o", optimizer="muon", **kw)
+        return checks_of(pretrain.plan(cfg))
+
+    checks = planned()
+    assert checks["optimizer"].startswith("ok: muon (lr 0.02) for ")
+    assert "AdamW (lr 0.003) for the other" in checks["optimizer"]
+    assert planned(distributed="fsdp", nproc=2)["optimizer"].startswith(
+        "fail: optimizer: muon orthogonalises whole matrices"
+    )
+    monkeypatch.delattr(torch.optim, "Muon")
+    assert planned()["optimizer"].endswith("upgrade torch to >= 2.9 or use optimizer: adamw")

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from albor.config import validate
+from albor.errors import ConfigError
 from albor.model.gpt import GPT
 from albor.pipeline import load_pipeline, recipes_dir
 from albor.stage import OutputConfig
@@ -69,3 +71,36 @@ def test_the_model_is_initialised_once_under_the_seed() -> None:
     # The meta build drew nothing and the init drew once: the RNG is where one init leaves it
     # (a model initialised by its constructor and again would have drawn twice).
     assert torch.equal(after_build, after_one_init)
+
+
+@pytest.mark.parametrize(
+    ("written", "seconds"),
+    [
+        ("10m", 600.0),
+        ("90s", 90.0),
+        ("2h", 7200.0),
+        ("1h30m", 5400.0),
+        ("1.5h", 5400.0),
+        (600, 600.0),
+        ("2.5", 2.5),
+        (" 1m 30s ", 90.0),
+    ],
+)
+def test_max_time_is_a_duration_in_seconds(written: object, seconds: float) -> None:
+    assert TrainSettings.model_validate({"max_time": written}).max_time == seconds
+    assert TrainSettings().max_time is None  # by default a run is sized in steps
+
+
+@pytest.mark.parametrize("written", ["ten minutes", "10 min", "1h30", "-5", 0, "0s", "m"])
+def test_a_bad_max_time_is_a_config_error_naming_the_key_and_the_forms(written: object) -> None:
+    with pytest.raises(ConfigError) as e:
+        validate(pretrain.Config, {"max_time": written}, "run.yaml")
+    message = str(e.value)
+    assert "max_time" in message and ("90s, 10m, 2h or 1h30m" in message or "10m" in message)
+
+
+def test_an_unknown_optimizer_is_a_config_error_naming_the_key() -> None:
+    with pytest.raises(ConfigError, match="optimizer") as e:
+        validate(pretrain.Config, {"optimizer": "sgd"}, "run.yaml")
+    assert "adamw" in str(e.value) and "muon" in str(e.value)
+    assert pretrain.Config().optimizer == "adamw" and pretrain.Config().precision == "fp32"

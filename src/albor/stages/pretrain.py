@@ -65,9 +65,10 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
     preflight.check_device(p, cfg, setup)
     total = setup.tokens_per_step * cfg.max_steps
     where = f"{setup.world} x {setup.target[0]}" if setup.target else setup.device
+    until = f" or until max_time {preflight.format_duration(cfg.max_time)}" if cfg.max_time else ""
     p.actions.append(
-        f"train {format_count(setup.parameters)} parameters for {cfg.max_steps} steps "
-        f"({format_count(total)} tokens) on {where} in {cfg.precision}"
+        f"train {format_count(setup.parameters)} parameters for {cfg.max_steps} steps{until} "
+        f"({format_count(total)} tokens) on {where} in {setup.precision} with {cfg.optimizer}"
     )
     p.actions.append(f"write the checkpoint (HF layout) to {cfg.output}")
     return p

@@ -5,7 +5,9 @@ layout at the top of the run directory):
 
     model.safetensors, config.json  the weights, HF layout (`albor.model.hf`), fp32
     tokenizer files                 so that every checkpoint loads on its own in transformers
-    optimizer.pt                    the optimizer's state_dict (AdamW moments and step counts)
+    optimizer.pt                    the optimizer's state_dict (AdamW moments and step counts;
+                                    with optimizer: muon, Muon's momentum and AdamW's, keyed
+                                    muon and adamw)
     rng.pt                          RNG states: torch CPU, CUDA (each device), numpy, python
     trainer_state.json              step, tokens seen, loss, LR schedule and its position, data
                                     position, validation history, best so far, resume warnings
@@ -43,7 +45,7 @@ import torch
 from torch import nn
 
 from albor.artifact import atomic_write_json, sha256_file
-from albor.errors import AlborError
+from albor.errors import AlborError, ConfigError
 from albor.model.gpt import GPT
 from albor.model.hf import load_pretrained, save_pretrained
 from albor.train import distributed
@@ -295,8 +297,23 @@ def load(directory: Path, model: GPT, device: torch.device) -> Loaded:
     return Loaded(directory, loaded.state_dict(), optim, rng, state)
 
 
+def optimizer_name(state: dict[str, Any]) -> str:
+    """Which optimizer a saved optimizer state belongs to: muon (Muon and AdamW, keyed by name)
+    or adamw."""
+    return "muon" if set(state) == {"muon", "adamw"} else "adamw"
+
+
 def apply(loaded: Loaded, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Put a loaded checkpoint's weights, optimizer state and RNG states in place."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        # Not a damaged checkpoint (which would be removed) but a changed config: say so.
+        saved, now = optimizer_name(loaded.optimizer), optimizer_name(optimizer.state_dict())
+        if saved != now:
+            raise ConfigError(
+                f"{loaded.path} was trained with optimizer: {saved}, but this run's config says "
+                f"optimizer: {now}: set optimizer: {saved} to resume it, or train into a new "
+                "output directory"
+            )
     model.load_state_dict(loaded.weights)
     optimizer.load_state_dict(loaded.optimizer)
     set_rng_state(loaded.rng)

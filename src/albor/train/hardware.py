@@ -1,7 +1,7 @@
 """What the machine offers a training run, probed without allocating on the device: memory,
-CPU matmul peak, CPU instruction flags, and whether bf16 and torch.compile can run there; and
-the datasheets of the GPUs a run may be planned for (`target`), for the machine one will rent
-rather than the one at hand."""
+CPU matmul speed in fp32 and bf16, CPU instruction flags, and whether bf16 and torch.compile can
+run there; and the datasheets of the GPUs a run may be planned for (`target`), for the machine
+one will rent rather than the one at hand."""
 
 from __future__ import annotations
 
@@ -30,25 +30,33 @@ def device_memory(device: str) -> tuple[int | None, str]:
     return int(props.total_memory), props.name
 
 
-def cpu_peak_flops(threads: int, precision: str = "fp32") -> float:
-    """Matmul FLOP/s of this CPU in `precision` (fp32 or bf16) measured in ~0.1 s: the ceiling
-    for the time estimate."""
+def matmul_flops(
+    shape: tuple[int, int, int], precision: str, threads: int, seconds: float = 0.1
+) -> float:
+    """FLOP/s of an (m x k) @ (k x n) matmul on this CPU in `precision` (fp32 or bf16), timed
+    for about `seconds` after one untimed call (which pays for kernel selection)."""
     import torch
 
-    n = 512
+    m, k, n = shape
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         torch.mm(a, b)
         reps, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < 0.1:
+        while time.perf_counter() - t0 < seconds:
             torch.mm(a, b)
             reps += 1
-        return 2 * n**3 * reps / (time.perf_counter() - t0)
+        return 2 * m * k * n * reps / (time.perf_counter() - t0)
     finally:
         torch.set_num_threads(old)
+
+
+def cpu_peak_flops(threads: int, precision: str = "fp32") -> float:
+    """Matmul FLOP/s of this CPU in `precision` (fp32 or bf16) measured in ~0.1 s: the ceiling
+    for the time estimate."""
+    return matmul_flops((512, 512, 512), precision, threads)
 
 
 def cpu_flags() -> set[str]:

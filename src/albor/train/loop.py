@@ -7,7 +7,9 @@ so the gradient is that of the mean over every token of the step however the tok
 micro-batches; then gradient clipping that is always on (safety never hangs on an optional
 setting) and the optimizer with the warmup + cosine schedule. Options: bf16 autocast (fp32
 master weights, gradients and optimizer; no loss scaling, which bf16's fp32 range makes
-needless), `torch.compile`, activation checkpointing.
+needless), `torch.compile`, activation checkpointing. The run ends at `max_steps`, or when the
+training steps have spent `max_time` (the decay then reaches its floor there instead): it
+validates and returns as at any end.
 
 A non-finite loss or gradient skips the step (weights and optimizer untouched) and is counted;
 `max_bad_steps` in a row (a finite step resets the count) stop the run with the step, the last
@@ -55,7 +57,7 @@ from albor.train.batches import Prefetcher, StepBatches
 from albor.train.checkpoint import Checkpointer
 from albor.train.health import Health
 from albor.train.objectives import NextToken, Objective
-from albor.train.optim import lr_at
+from albor.train.optim import lr_at, set_lr, time_progress
 from albor.train.settings import Parallelism, Precision, TrainSettings
 
 log = logging.getLogger(__name__)
@@ -131,7 +133,9 @@ class TrainState:
     evals: list[dict[str, Any]] = field(default_factory=list)
     skipped_steps: int = 0
     bad_in_row: int = 0
-    elapsed_s: float = 0.0  # training time over every session of the run
+    elapsed_s: float = 0.0  # wall time over every session of the run
+    train_s: float = 0.0  # time in training steps over every session: what max_time budgets
+    warmup_end_s: float | None = None  # train_s when warmup ended (the time decay starts there)
     resume_warnings: list[str] = field(default_factory=list)
     loss_reference: float | None = None  # health's first-window mean, carried over a resume
 
@@ -148,13 +152,17 @@ class TrainState:
             skipped_steps=int(saved.get("skipped_steps", 0)),
             bad_in_row=int(saved.get("bad_in_row", 0)),
             elapsed_s=float(saved.get("elapsed_s", 0.0)),
+            train_s=float(saved.get("train_s", 0.0)),
+            warmup_end_s=_optional_float(saved.get("warmup_end_s")),
             resume_warnings=list(saved.get("resume_warnings", [])),
             loss_reference=float(reference) if reference is not None else None,
         )
 
-    def to_json(self, settings: TrainSettings, data: dict[str, Any]) -> dict[str, Any]:
+    def to_json(
+        self, settings: TrainSettings, data: dict[str, Any], precision: Precision
+    ) -> dict[str, Any]:
         """`trainer_state.json`: the state, with the schedule and data position it belongs to."""
-        return {
+        found = {
             "step": self.step,
             "tokens": self.tokens,
             "loss": _json_number(self.loss),
@@ -165,14 +173,22 @@ class TrainState:
             "schedule": settings.schedule(),
             # The batches are a function of these and the step.
             "data": {**data, "next_step": self.step},
-            "precision": settings.precision,
+            "precision": precision,
             "skipped_steps": self.skipped_steps,
             "bad_in_row": self.bad_in_row,
             "elapsed_s": round(self.elapsed_s, 3),
+            "train_s": self.train_s,  # unrounded: a resume continues the time schedule exactly
             "evals": self.evals,
             "resume_warnings": self.resume_warnings,
             "loss_reference": self.loss_reference,
         }
+        if self.warmup_end_s is not None:
+            found["warmup_end_s"] = self.warmup_end_s
+        return found
+
+
+def _optional_float(value: Any) -> float | None:
+    return float(value) if value is not None else None
 
 
 @dataclass
@@ -189,6 +205,8 @@ class LoopResult:
     resume_warnings: list[str] = field(default_factory=list)
     best: dict[str, Any] | None = None
     state: dict[str, Any] = field(default_factory=dict)
+    ended_by: str = "max_steps"  # or "max_time": the time budget was spent first
+    train_s: float = 0.0  # time in training steps over every session of the run
 
 
 @dataclass
@@ -201,6 +219,7 @@ class Session:
     optimizer: torch.optim.Optimizer
     objective: Objective
     settings: TrainSettings
+    precision: Precision  # settings.precision with "auto" resolved
     device: torch.device
     mode: Parallelism
     world: int  # ranks the batch is spread over (1 without a process group)
@@ -260,10 +279,19 @@ def train(
     objective: Objective | None = None,
     tracker: RunTracker | None = None,
     label: str = "train",
+    precision: Precision | None = None,
 ) -> LoopResult:
-    """Train `model` to `settings.max_steps`, resuming from `run_dir/checkpoints` if a run was
-    there; `label` names the progress bar."""
+    """Train `model` to `settings.max_steps` (or until `settings.max_time` is spent), resuming
+    from `run_dir/checkpoints` if a run was there; `label` names the progress bar. `precision`:
+    what `precision: auto` resolved to (the preflight's `Setup.precision`); without it the
+    settings' own, which must then not be auto."""
     s = settings
+    if precision is None and s.precision == "auto":
+        raise AlborError(
+            "precision: auto is resolved by the preflight (albor.train.preflight.setup): pass "
+            "its Setup.precision to train(precision=...)"
+        )
+    chosen = precision or cast(Precision, s.precision)
     rank0 = distributed.is_rank0()
     mode, world = _parallelism(s)
     root = run_dir / "checkpoints"
@@ -273,7 +301,7 @@ def train(
     batches = StepBatches(sampler, s, world, distributed.rank(), pin=device.type == "cuda")
     data = batches.describe()
     if resumed.state:
-        _note_changed_settings(st, resumed.state, s, data)
+        _note_changed_settings(st, resumed.state, s, data, chosen)
     forward, no_sync = _wrap(model, s, device, mode)
     session = Session(
         model=model,
@@ -281,6 +309,7 @@ def train(
         optimizer=optimizer,
         objective=objective or NextToken(),
         settings=s,
+        precision=chosen,
         device=device,
         mode=mode,
         world=world,
@@ -314,25 +343,28 @@ def train(
             name = resumed.path.name if resumed.path is not None else None
             resume = {"event": "resume", "checkpoint": name, "warnings": resumed.warnings}
             metrics.append(out, {"step": st.step, **resume})
-        while st.step < s.max_steps:
+        while st.step < s.max_steps and not _spent(s, st):
+            started = time.perf_counter()
             grad_norm = train_step(session, st, prefetch.get(st.step))
+            st.train_s += _step_time(session, time.perf_counter() - started)
             st.step += 1
             st.tokens += session.tokens_per_step
             st.elapsed_s = elapsed_before + time.perf_counter() - t0
             session_s = max(st.elapsed_s - elapsed_before, 1e-9)
             rate = (st.step - start_step) * session.tokens_per_step / session_s
-            if st.step % s.log_every == 0 or st.step == s.max_steps:
+            last = st.step >= s.max_steps or _spent(s, st)
+            if st.step % s.log_every == 0 or last:
                 _log_step(session, out, st, grad_norm, rate)
             st.val_loss = None
-            if evaluate is not None and (st.step % s.eval_every == 0 or st.step == s.max_steps):
+            if evaluate is not None and (st.step % s.eval_every == 0 or last):
                 _validate(session, out, st, evaluate)
             _show(bar, st, rate)
             # Every rank must stop at the same step, whichever the signal reached first.
             stopping = distributed.any_rank(stop.signal is not None, device)
-            stopping = stopping and st.step < s.max_steps
+            stopping = stopping and not last
             improved = st.best is not None and st.best["step"] == st.step
             due = st.step % s.checkpoint_every == 0 or stopping or improved
-            if due and st.step < s.max_steps:
+            if due and not last:
                 path = _save(session, st)
                 distributed.barrier()  # no rank runs ahead of a checkpoint being written
                 if stopping:
@@ -343,7 +375,7 @@ def train(
                         "same command again to resume from it"
                     )
         if rank0:
-            _record_best(root, st.best, s.max_steps)
+            _record_best(root, st.best, st.step)
     wall = time.perf_counter() - t0
     return LoopResult(
         steps=st.step,
@@ -356,9 +388,25 @@ def train(
         evals=st.evals,
         warnings=session.health.warnings,
         resume_warnings=st.resume_warnings,
-        best=_best_location(st.best, s.max_steps),
+        best=_best_location(st.best, st.step),
         state=_snapshot(session, st),
+        ended_by="max_time" if st.step < s.max_steps and _spent(s, st) else "max_steps",
+        train_s=st.train_s,
     )
+
+
+def _spent(s: TrainSettings, st: TrainState) -> bool:
+    """Whether the time budget is used up (never, without one)."""
+    return s.max_time is not None and st.train_s >= s.max_time
+
+
+def _step_time(session: Session, seconds: float) -> float:
+    """A step's duration as the time budget counts it: under a budget in a job of several
+    ranks, their mean, so that every rank sees the same time, hence the same learning rate and
+    the same last step."""
+    if session.settings.max_time is not None and session.world > 1:
+        return distributed.all_reduce_sum(seconds, session.device) / session.world
+    return seconds
 
 
 def train_step(session: Session, st: TrainState, batches: list[torch.Tensor]) -> float:
@@ -368,22 +416,24 @@ def train_step(session: Session, st: TrainState, batches: list[torch.Tensor]) ->
     stay as they were) and counted; `max_bad_steps` of them in a row stop the run.
     """
     s, optimizer = session.settings, session.optimizer
+    if s.max_time is not None and st.warmup_end_s is None and st.step >= s.warmup_steps:
+        st.warmup_end_s = st.train_s
     st.lr = lr_at(
         st.step,
         lr=s.lr,
         warmup_steps=s.warmup_steps,
         max_steps=s.max_steps,
         min_lr_ratio=s.min_lr_ratio,
+        time_progress=time_progress(st.train_s, st.warmup_end_s, s.max_time),
     )
-    for group in optimizer.param_groups:
-        group["lr"] = st.lr
+    set_lr(optimizer, st.lr, s)
     optimizer.zero_grad(set_to_none=True)
     st.loss = accumulate(
         session.forward,
         session.objective,
         batches,
         session.device,
-        s.precision,
+        session.precision,
         no_sync=session.no_sync,
     )
     # The full gradient's norm: DDP has averaged it, FSDP's DTensors reduce it.
@@ -405,7 +455,7 @@ def train_step(session: Session, st: TrainState, batches: list[torch.Tensor]) ->
         s.max_bad_steps,
     )
     if st.bad_in_row >= s.max_bad_steps:
-        raise StageFailed(_bad_steps_message(st, s))
+        raise StageFailed(_bad_steps_message(st, s, session.precision))
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
 
@@ -424,16 +474,22 @@ def _parallelism(s: TrainSettings) -> tuple[Parallelism, int]:
 
 
 def _note_changed_settings(
-    st: TrainState, saved: dict[str, Any], s: TrainSettings, data: dict[str, Any]
+    st: TrainState,
+    saved: dict[str, Any],
+    s: TrainSettings,
+    data: dict[str, Any],
+    precision: Precision,
 ) -> None:
-    """Record a resume under another schedule or data order than the checkpoint's. Not an error
-    (a deliberate change of schedule is legitimate), but the run is then no longer the one the
-    checkpoint belonged to, and the record says so."""
+    """Record a resume under another schedule, data order or precision than the checkpoint's
+    (precision: auto may choose otherwise on another machine). Not an error (a deliberate change
+    of schedule is legitimate), but the run is then no longer the one the checkpoint belonged
+    to, and the record says so."""
     then = {"world_size": 1, **saved.get("schedule", {}), **saved.get("data", {})}
     then.pop("next_step", None)
-    now = {"world_size": 1, **s.schedule(), **data}
+    then["precision"] = saved.get("precision", precision)  # older checkpoints: unrecorded
+    now = {"world_size": 1, **s.schedule(), **data, "precision": precision}
     if then != now:
-        changed = sorted(k for k in now if then.get(k) != now[k])
+        changed = sorted(k for k in {*now, *then} if then.get(k) != now.get(k))
         st.resume_warnings.append(
             f"{', '.join(changed)} changed since the checkpoint: the run continues with the "
             "new settings, so it differs from an uninterrupted run"
@@ -513,7 +569,7 @@ def _show(bar: progress.Bar, st: TrainState, rate: float) -> None:
 def _snapshot(session: Session, st: TrainState) -> dict[str, Any]:
     """The trainer state a checkpoint written now holds."""
     st.loss_reference = session.health.reference
-    return st.to_json(session.settings, session.data)
+    return st.to_json(session.settings, session.data, session.precision)
 
 
 def _save(session: Session, st: TrainState) -> Path | None:
@@ -526,19 +582,19 @@ def _save(session: Session, st: TrainState) -> Path | None:
     directory = checkpoint.step_dir(root, st.step)
     path = session.checkpointer.save(directory, full, full_optimizer, _snapshot(session, st))
     checkpoint.prune(root, session.settings.keep_checkpoints)
-    _record_best(root, st.best, session.settings.max_steps)
+    _record_best(root, st.best, session.settings.max_steps)  # mid-run: not yet the last step
     session.health.checkpoint(st.step, full)
     write_loss_plot(session.run_dir)
     return path
 
 
-def _bad_steps_message(st: TrainState, s: TrainSettings) -> str:
+def _bad_steps_message(st: TrainState, s: TrainSettings, precision: Precision) -> str:
     """Why the run stopped, where, and what usually causes it."""
     last = "none yet" if math.isnan(st.last_finite_loss) else f"{st.last_finite_loss:.4f}"
-    if s.precision == "fp32":
+    if precision == "fp32":
         overflow = "overflow in the activations (often the learning rate again)"
     else:
-        overflow = f"overflow in {s.precision} (try precision: fp32)"
+        overflow = f"overflow in {precision} (try precision: fp32)"
     return (
         f"training stopped at step {st.step + 1} of {s.max_steps}: {st.bad_in_row} steps in a "
         f"row had a non-finite loss or gradient (max_bad_steps {s.max_bad_steps}; last finite "
@@ -554,18 +610,19 @@ def _no_bar() -> Iterator[progress.Bar]:
     yield progress.Bar(None)
 
 
-def _best_location(best: dict[str, Any] | None, max_steps: int) -> dict[str, Any] | None:
+def _best_location(best: dict[str, Any] | None, last_step: int) -> dict[str, Any] | None:
     """The best validation so far and where its weights are, relative to the run directory: a
-    kept step directory, or the run's final weights ('.') when the last validation was best."""
+    kept step directory, or the run's final weights ('.') when the last step's validation (at
+    max_steps, or where max_time ran out) was best."""
     if best is None:
         return None
     step = int(best["step"])
-    where = "." if step == max_steps else f"checkpoints/step-{step:07d}"
+    where = "." if step == last_step else f"checkpoints/step-{step:07d}"
     return {"step": step, "val_loss": float(best["val_loss"]), "path": where}
 
 
-def _record_best(root: Path, best: dict[str, Any] | None, max_steps: int) -> None:
-    """Point `checkpoints/best.json` at the best weights."""
-    found = _best_location(best, max_steps)
+def _record_best(root: Path, best: dict[str, Any] | None, last_step: int) -> None:
+    """Point `checkpoints/best.json` at the best weights (`last_step`: the run's final step)."""
+    found = _best_location(best, last_step)
     if found is not None:
         checkpoint.write_best(root, found["step"], found["val_loss"], found["path"])

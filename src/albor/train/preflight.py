@@ -10,14 +10,15 @@ calls, in order:
     check_device(p, settings, setup)
 
 `Setup` holds what the checks resolved (device, parallelism, world size, window, tokens per
-step); `apply` builds the same `Setup` with `setup()` and trains with it, so plan and apply cannot
-disagree about them.
+step, the precision `auto` chose); `apply` builds the same `Setup` with `setup()` and trains with
+it, so plan and apply cannot disagree about them.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from albor.device import resolve as resolve_device
 from albor.errors import ConfigError
@@ -26,7 +27,15 @@ from albor.model.estimate import flops_per_token, format_bytes, format_count, me
 from albor.model.estimate import param_count as count_params
 from albor.plan import Plan
 from albor.train import hardware
-from albor.train.settings import ModelSettings, Parallelism, TrainSettings, model_config, window
+from albor.train.settings import (
+    ModelSettings,
+    Parallelism,
+    Precision,
+    TargetDevice,
+    TrainSettings,
+    model_config,
+    window,
+)
 
 # Activation checkpointing runs each block's forward twice: 8 FLOPs per weight per token where
 # training otherwise does 6.
@@ -44,6 +53,17 @@ TOKENS_PER_STEP_DIVISOR = 4000
 # gradients and optimizer states, with bf16 activations.
 MEMORY_PRECISION = {"fp32": "fp32", "bf16": "bf16-mixed"}
 
+# precision: auto on CPU times one matmul of the model's width in each dtype: the tokens of a
+# micro-batch (at most this many rows) x hidden x intermediate, as the MLP computes it.
+AUTO_MATMUL_ROWS = 1024
+# ... and fewer rows for a model so wide that one matmul would take longer than about this many
+# FLOPs (a 7B-wide matmul of 1024 rows is ~90 GFLOP: seconds on a laptop, per dtype).
+AUTO_MATMUL_MAX_FLOPS = 4e9
+AUTO_SECONDS = 0.12  # timed per dtype: the plan stays about a second
+# bf16 must beat fp32 by this factor: autocast adds casts the matmul alone does not show, and
+# two measurements within noise of each other would choose differently from run to run.
+AUTO_BF16_MARGIN = 1.1
+
 
 @dataclass(frozen=True)
 class Setup:
@@ -57,6 +77,10 @@ class Setup:
     parameters: int
     tokens_per_step: int  # over every rank
     target: tuple[str, hardware.Accelerator] | None = None  # the GPU planned for, if not here
+    precision: Precision = "fp32"  # what the run computes in: `precision` with auto resolved
+    precision_reason: str = "precision: fp32 set in the config"
+    # precision: auto on a CPU: the measured matmul GFLOP/s in each dtype ({} otherwise)
+    matmul_gflops: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -84,6 +108,10 @@ def setup(settings: TrainSettings, model: ModelSettings, *, here: bool = True) -
         if here:
             raise
         device = settings.device  # planned for a target elsewhere: `cuda` there
+    target = _target(settings)
+    precision, reason, gflops = choose_precision(
+        settings, mc, seq, device, target if not here else None
+    )
     return Setup(
         model=mc,
         seq_len=seq,
@@ -92,8 +120,57 @@ def setup(settings: TrainSettings, model: ModelSettings, *, here: bool = True) -
         world=world,
         parameters=count_params(mc),
         tokens_per_step=settings.tokens_per_step(seq, world),
-        target=_target(settings),
+        target=target,
+        precision=precision,
+        precision_reason=reason,
+        matmul_gflops=gflops,
     )
+
+
+def choose_precision(
+    settings: TrainSettings,
+    mc: ModelConfig,
+    seq_len: int,
+    device: str,
+    target: tuple[str, hardware.Accelerator] | None = None,
+) -> tuple[Precision, str, dict[str, float]]:
+    """The precision a run computes in, why, and the GFLOP/s measured for it (CPU, auto only).
+
+    `auto`: on a `target` planned for elsewhere, bf16 where its datasheet peak is higher; on
+    CUDA, bf16 where the GPU supports it; on a CPU, bf16 where a matmul at the model's width
+    runs at least AUTO_BF16_MARGIN times faster in bf16 than in fp32, measured now.
+    """
+    if settings.precision != "auto":
+        return settings.precision, f"precision: {settings.precision} set in the config", {}
+    if target is not None:
+        name, acc = target
+        if isinstance(settings.target, TargetDevice):
+            return "bf16", f"auto: the {name} is planned in bf16 (peak_tflops taken as bf16's)", {}
+        if acc.bf16_tflops > acc.fp32_tflops:
+            peaks = f"{acc.bf16_tflops:g} TFLOP/s vs fp32 {acc.fp32_tflops:g}"
+            return "bf16", f"auto: {name} runs bf16 at {peaks} (datasheet)", {}
+        return "fp32", f"auto: {name} is no faster in bf16 (datasheet)", {}
+    if device == "cuda":
+        if hardware.bf16_support("cuda") == "native":
+            return "bf16", "auto: this GPU supports bf16 (torch.cuda.is_bf16_supported)", {}
+        return "fp32", "auto: this GPU has no bf16 support", {}
+    threads = settings.threads or os.cpu_count() or 1
+    rows = min(settings.micro_batch * seq_len, AUTO_MATMUL_ROWS)
+    per_row = 2 * mc.hidden_size * mc.intermediate_size
+    rows = max(min(rows, int(AUTO_MATMUL_MAX_FLOPS // per_row)), 1)
+    shape = (rows, mc.hidden_size, mc.intermediate_size)
+    gflops = {
+        p: round(hardware.matmul_flops(shape, p, threads, AUTO_SECONDS) / 1e9, 1)
+        for p in ("fp32", "bf16")
+    }
+    fp32, bf16 = gflops["fp32"], gflops["bf16"]
+    measured = (
+        f"bf16 matmul {bf16:g} GFLOP/s vs fp32 {fp32:g} on this CPU "
+        f"({rows}x{mc.hidden_size}x{mc.intermediate_size}, {threads} threads)"
+    )
+    if bf16 >= AUTO_BF16_MARGIN * fp32:
+        return "bf16", f"auto: {measured}", gflops
+    return "fp32", f"auto: {measured}; bf16 is not {AUTO_BF16_MARGIN:g}x faster", gflops
 
 
 def _target(settings: TrainSettings) -> tuple[str, hardware.Accelerator] | None:
@@ -125,7 +202,7 @@ def format_duration(seconds: float) -> str:
     for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
         if seconds >= size:
             return f"{seconds / size:.1f} {unit}"
-    return f"{seconds:.0f} seconds"
+    return f"{seconds:.0f} seconds" if seconds >= 10 else f"{seconds:.2g} seconds"
 
 
 def check_run(p: Plan, settings: TrainSettings, model: ModelSettings) -> Setup | None:
@@ -169,6 +246,13 @@ def check_run(p: Plan, settings: TrainSettings, model: ModelSettings) -> Setup |
         "rate would never reach its peak; use a warmup of about 1-10% of max_steps",
     )
     _check_distributed(p, settings, s)
+    if settings.precision == "auto":
+        p.add("precision", "ok", f"{s.precision} ({s.precision_reason})")
+        p.estimates["precision"] = {"chosen": s.precision, "reason": s.precision_reason}
+        if s.matmul_gflops:
+            p.estimates["precision"]["matmul_gflops"] = s.matmul_gflops
+    if settings.optimizer != "adamw":
+        _check_optimizer(p, settings, s)
     total_tokens = s.tokens_per_step * settings.max_steps
     p.estimates["parameters"] = {"total": n, "human": format_count(n)}
     if s.world > 1:
@@ -201,6 +285,29 @@ def check_run(p: Plan, settings: TrainSettings, model: ModelSettings) -> Setup |
         f"cosine decay to {settings.min_lr_ratio:g} x lr",
     )
     return s
+
+
+def _check_optimizer(p: Plan, settings: TrainSettings, s: Setup) -> None:
+    """optimizer: muon needs torch.optim.Muon, a model whose block matrices it can take, and
+    whole matrices (not FSDP's shards)."""
+    import torch
+
+    from albor.model.gpt import GPT
+    from albor.train.optim import muon_problems, muon_split
+
+    with torch.device("meta"):  # shapes only: no memory, no random numbers
+        model = GPT(s.model)
+    problems = muon_problems(model, s.mode)
+    matrices, other = muon_split(model)
+    n_muon = sum(p.numel() for p in matrices)
+    p.require(
+        "optimizer",
+        not problems,
+        f"muon (lr {settings.muon_lr:g}) for {len(matrices)} block matrices "
+        f"({format_count(n_muon)} parameters), AdamW (lr {settings.lr:g}) for the other "
+        f"{len(other)} tensors",
+        "; ".join(problems),
+    )
 
 
 def _check_distributed(p: Plan, settings: TrainSettings, s: Setup) -> None:
@@ -285,14 +392,14 @@ def check_device(p: Plan, settings: TrainSettings, s: Setup) -> None:
         s.model,
         settings.micro_batch,
         s.seq_len,
-        precision=MEMORY_PRECISION[settings.precision],
+        precision=MEMORY_PRECISION[s.precision],
         activation_checkpointing=settings.activation_checkpointing,
     )
     p.estimates["memory"] = {k: format_bytes(v) for k, v in budget.items()}
     if s.target is not None:
         _check_target(p, budget["total"], s.target)
     else:
-        _check_speed_options(p, settings, s.device)
+        _check_speed_options(p, settings, s.device)  # precision as set: auto chose what runs
         available, what = hardware.device_memory(s.device)
         if available is None:
             p.add("device", "fail", f"device {s.device}: {what} (set device: cpu)")
@@ -357,7 +464,9 @@ def _check_speed_options(p: Plan, settings: TrainSettings, device: str) -> None:
 
 
 def _estimate_checkpoints(p: Plan, settings: TrainSettings, parameters: int) -> None:
-    ckpt_bytes = parameters * 4 * 3  # weights + two AdamW states, fp32 whatever the precision
+    # Weights + two AdamW states, fp32 whatever the precision (Muon keeps one state for the
+    # matrices it takes: an upper bound then).
+    ckpt_bytes = parameters * 4 * 3
     # Intermediate checkpoints every checkpoint_every steps before the last, one more at each
     # validation that improves between them (at most every eval step), and the final weights.
     steps, every = settings.max_steps, settings.checkpoint_every
@@ -382,16 +491,66 @@ def _estimate_time(p: Plan, settings: TrainSettings, s: Setup) -> None:
     p.estimates["train_flops"] = float(flops)
     # Activation checkpointing runs each block's forward twice.
     work = flops * (RECOMPUTE_FACTOR if settings.activation_checkpointing else 1.0)
+    at_peak: float | None = None  # the work at 100% of the peak: no step can be faster
     if s.target is not None:
-        _estimate_target_time(p, settings.precision, s.world, s.target, work)
+        at_peak = _estimate_target_time(p, s.precision, s.world, s.target, work)
     elif s.device == "cpu":
-        _estimate_cpu_time(p, settings, work)
+        at_peak = _estimate_cpu_time(p, settings, s.precision, work)
+    if settings.max_time is not None:
+        _check_time_budget(p, settings, p.estimates.get("wall_time_s"), at_peak)
 
 
-def _estimate_cpu_time(p: Plan, settings: TrainSettings, work: float) -> None:
-    """Wall time from this CPU's matmul peak, measured now."""
+def _check_time_budget(
+    p: Plan, settings: TrainSettings, wall: float | None, at_peak: float | None
+) -> None:
+    """Steps the time budget allows by the wall-time estimate. A budget that cannot fit one
+    step, or the warmup (the run would end before the learning rate peaks), is refused; judged
+    at the device's full peak, since the MFU is an assumption and a refusal must be certain."""
+    budget = settings.max_time
+    assert budget is not None
+    p.estimates["max_time_s"] = budget
+    shown = format_duration(budget)
+    if wall is None or at_peak is None:
+        p.add("time budget", "ok", f"max_time {shown} (no wall-time estimate for this device)")
+        return
+    step_s, fastest_s = wall / settings.max_steps, at_peak / settings.max_steps
+    fit = math.floor(budget / step_s) if step_s > 0 else settings.max_steps
+    p.estimates["steps_in_time_budget"] = min(fit, settings.max_steps)
+    if budget < fastest_s:
+        p.add(
+            "time budget",
+            "fail",
+            f"max_time {budget:g} s is shorter than one step (at least {fastest_s:.3g} s at "
+            "the device's peak): raise max_time, or lower micro_batch / grad_accum",
+        )
+    elif budget <= fastest_s * settings.warmup_steps:
+        p.add(
+            "time budget",
+            "fail",
+            f"max_time {shown} ends within the warmup ({settings.warmup_steps} steps take at "
+            f"least {format_duration(fastest_s * settings.warmup_steps)} at the device's peak): "
+            "raise max_time or lower warmup_steps",
+        )
+    elif fit < settings.max_steps:
+        p.add(
+            "time budget",
+            "ok",
+            f"max_time {shown}: about {fit:,} of max_steps {settings.max_steps:,} steps; the "
+            "learning rate decays to its floor when the time is spent",
+        )
+    else:
+        p.add(
+            "time budget",
+            "ok",
+            f"max_time {shown} outlasts max_steps {settings.max_steps:,} (about "
+            f"{format_duration(wall)}): the run ends at max_steps",
+        )
+
+
+def _estimate_cpu_time(p: Plan, settings: TrainSettings, precision: str, work: float) -> float:
+    """Wall time from this CPU's matmul peak, measured now; returns the time at the peak."""
     threads = settings.threads or os.cpu_count() or 1
-    peak = hardware.cpu_peak_flops(threads, settings.precision)
+    peak = hardware.cpu_peak_flops(threads, precision)
     p.estimates["device_peak_gflops"] = round(peak / 1e9, 1)
     wall = work / (peak * ASSUMED_MFU)
     p.estimates["wall_time_s"] = round(wall, 1)
@@ -403,13 +562,15 @@ def _estimate_cpu_time(p: Plan, settings: TrainSettings, work: float) -> None:
         "for one with target: h100 (or l4, rtx4090, ...)",
         f"about {format_duration(wall)} at {ASSUMED_MFU:.0%} of the measured peak",
     )
+    return work / peak
 
 
 def _estimate_target_time(
     p: Plan, precision: str, world: int, target: tuple[str, hardware.Accelerator], work: float
-) -> None:
+) -> float:
     """Wall time on `world` of the target GPU, from its datasheet peak and an MFU: albor's
-    measured one for that device where there is one, else a stated assumption."""
+    measured one for that device where there is one, else a stated assumption. Returns the
+    time at the peak."""
     name, device = target
     peak = device.peak_flops(precision)
     mfu = device.mfu or hardware.ASSUMED_GPU_MFU
@@ -426,3 +587,4 @@ def _estimate_target_time(
         f"about {format_duration(wall)} on {world} x {name} at {mfu:.0%} MFU ({basis}) of "
         f"{peak / 1e12:g} TFLOP/s {precision} each",
     )
+    return work / (peak * world)

@@ -14,7 +14,7 @@ objective and the checkpointer.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -144,19 +144,19 @@ def _run(
     from albor.track.metrics import METRICS_FILE
     from albor.track.plot import write_loss_plot
     from albor.track.runs import RunTracker, db_path_for
-    from albor.train import checkpoint, distributed
+    from albor.train import checkpoint, distributed, optim
     from albor.train.loop import train
-    from albor.train.optim import build_adamw
 
     preflight.require_launch(settings)
     if distributed.launched():
         device = distributed.init(setup.device)
+        # Each rank measured for precision: auto on its own; all must train alike: rank 0's.
+        precision, reason = distributed.broadcast((setup.precision, setup.precision_reason))
+        setup = replace(setup, precision=precision, precision_reason=reason)
     else:
         device = torch.device(setup.device)
     model = build_model(setup, settings.seed, device)
-    optimizer = build_adamw(
-        model, settings.lr, settings.weight_decay, settings.betas, settings.eps, device
-    )
+    optimizer = optim.build(model, settings, device, setup.mode)
     checkpointer = data.checkpointer()
     fsdp = setup.mode == "fsdp"
 
@@ -173,6 +173,7 @@ def _run(
             objective=objective,
             tracker=tracker,
             label=stage,
+            precision=setup.precision,
         )
 
     if not distributed.is_rank0():
@@ -199,7 +200,7 @@ def _run(
         assert full is not None  # rank 0
         checkpointer.write(ctx.out, full[0], full[1], result.state)
         first = metrics.first(ctx.out / METRICS_FILE, "loss")
-        figures = _figures(result, settings, parameters, data, first)
+        figures = _figures(result, settings, setup, parameters, data, first)
         summary = _summary(result, figures)
         write_loss_plot(ctx.out)  # the artifact's plot covers the whole run
         tracker.finish("done", figures)
@@ -209,11 +210,21 @@ def _run(
 def _figures(
     result: LoopResult,
     settings: TrainSettings,
+    setup: Setup,
     parameters: int,
     data: TokenData,
     first_loss: float | None,
 ) -> dict[str, Any]:
     """What the artifact's manifest reports of the run."""
+    budget: dict[str, Any] = {}
+    if settings.max_time is not None:
+        budget = {
+            "max_time_s": settings.max_time,
+            "train_time_s": round(result.train_s, 3),
+            "ended_by": result.ended_by,
+            # The last step and the learning rate depend on measured time.
+            "bit_exact_resume": False,
+        }
     return {
         "parameters": parameters,
         "steps": result.steps,
@@ -221,7 +232,10 @@ def _figures(
         "final_loss": round(result.final_loss, 5),
         "first_loss": round(first_loss, 5) if first_loss is not None else None,
         "tokens_per_s": round(result.tokens_per_s, 1),
-        "precision": settings.precision,
+        "precision": setup.precision,
+        "precision_reason": setup.precision_reason,
+        "optimizer": settings.optimizer,
+        **budget,
         "skipped_steps": result.skipped_steps,
         "resumed_from": result.resumed_from,
         "resume_warnings": result.resume_warnings,
@@ -240,6 +254,8 @@ def _summary(result: LoopResult, figures: dict[str, Any]) -> str:
         f"{format_count(figures['parameters'])} params, {result.steps} steps, loss "
         f"{shown} -> {result.final_loss:.3f}"
     )
+    if result.ended_by == "max_time":
+        summary += f" (max_time spent at step {result.steps})"
     if "val_bpb" in figures:
         summary += f", val bits/byte {figures['val_bpb']:.3f}"
     summary += f", {result.tokens_per_s:,.0f} tok/s"

@@ -12,16 +12,53 @@ than a hand-made copy of its fields:
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import math
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BeforeValidator, Field, field_validator
 
 from albor.config import Int, StageConfig
 from albor.model.config import ModelConfig
 from albor.model.presets import PRESETS, preset
 
-Precision = Literal["fp32", "bf16"]
+Precision = Literal["fp32", "bf16"]  # what a run computes in, "auto" resolved
+PrecisionSetting = Literal["auto", "fp32", "bf16"]
+Optimizer = Literal["adamw", "muon"]
 Parallelism = Literal["none", "ddp", "fsdp"]
+
+_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
+_DURATION_PART = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([hms])")
+
+
+def parse_duration(value: Any) -> Any:
+    """Seconds from a duration: a number of seconds (600, "600") or numbers with units, h, m
+    and s ("90s", "10m", "1.5h", "1h30m"). ValueError naming the accepted forms otherwise."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            parts = _DURATION_PART.findall(text)
+            if not parts or "".join(_DURATION_PART.sub("", text).split()):
+                raise ValueError(
+                    f"{value!r} is not a duration: give seconds (600) or a number with a unit, "
+                    "such as 90s, 10m, 2h or 1h30m"
+                ) from None
+            seconds = sum(float(n) * _UNITS[unit] for n, unit in parts)
+    else:
+        return value  # pydantic reports the type with the key path
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"{value!r} is not a positive duration: use e.g. 10m or 600")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+"""Seconds, written as a number or with units (`90s`, `10m`, `2h`, `1h30m`)."""
 
 
 class Architecture(StageConfig):
@@ -84,9 +121,36 @@ class TrainSettings(StageConfig):
     micro_batch: Int = Field(8, gt=0, description="Sequences per forward/backward pass.")
     grad_accum: Int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     max_steps: Int = Field(1000, gt=0, description="Optimizer steps (authoritative; data repeats).")
+    max_time: Duration | None = Field(
+        None,
+        description="Time budget of the training steps (validation and checkpoint writes are "
+        "not counted; a resumed run counts the time already spent): 90s, 10m, 2h, 1h30m, or "
+        "seconds. The run validates, saves its final weights and ends when it is spent or at "
+        "max_steps, whichever comes first, and the learning rate decays to its floor at that "
+        "point (warmup stays in steps). Time is not deterministic: a run with max_time does not "
+        "resume bit for bit. Default: no budget, the run is sized in steps.",
+    )
     warmup_steps: Int = Field(100, ge=0, description="Linear warmup steps; must be < max_steps.")
     lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a fraction of lr.")
+    optimizer: Optimizer = Field(
+        "adamw",
+        description="adamw: AdamW for every parameter. muon: torch.optim.Muon (PyTorch >= 2.9) "
+        "for the 2-D matrices of the transformer blocks, AdamW for the embeddings, the output "
+        "head, norms and biases; both follow the same schedule, Muon's scaled to muon_lr.",
+    )
+    muon_lr: float = Field(
+        0.02,
+        gt=0,
+        description="Muon's peak learning rate (optimizer: muon); its warmup and decay follow "
+        "lr's schedule. 0.02 is the value of Muon's reference implementation (Keller Jordan).",
+    )
+    muon_weight_decay: float = Field(
+        0.01,
+        ge=0,
+        description="Muon's decoupled weight decay on the block matrices (optimizer: muon), "
+        "applied as lr x decay per step; 0.01 as in Muon's reference implementation.",
+    )
     weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay (matrices).")
     beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
@@ -116,10 +180,12 @@ class TrainSettings(StageConfig):
     )
     seed: int = Field(1337, description="Seed of the init and of the data order.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda if available.")
-    precision: Precision = Field(
+    precision: PrecisionSetting = Field(
         "fp32",
-        description="fp32, or bf16: autocast to bfloat16 (CUDA or CPU) with fp32 master weights, "
-        "gradients and optimizer state.",
+        description="fp32; bf16: autocast to bfloat16 (CUDA or CPU) with fp32 master weights, "
+        "gradients and optimizer state; auto: bf16 where the device runs it faster (a CUDA GPU "
+        "with bf16, a CPU whose bf16 matmul at the model's width is measured faster than fp32), "
+        "else fp32. The plan shows the choice; the manifest records it and why.",
     )
     compile: bool = Field(
         False, description="torch.compile the model (slow to compile on CPU; needs a C++ compiler)."
@@ -195,10 +261,18 @@ class TrainSettings(StageConfig):
         return self.micro_batch * self.grad_accum * seq_len * world
 
     def schedule(self) -> dict[str, Any]:
-        """The LR schedule's settings; with the step, they fix the learning rate."""
-        return {
+        """The LR schedule's settings; with the step (and the time spent, under max_time), they
+        fix the learning rate. Keys of options left at their default are absent, so a run that
+        does not use them records what it always did."""
+        found: dict[str, Any] = {
             "lr": self.lr,
             "warmup_steps": self.warmup_steps,
             "max_steps": self.max_steps,
             "min_lr_ratio": self.min_lr_ratio,
         }
+        if self.max_time is not None:
+            found["max_time"] = self.max_time
+        if self.optimizer == "muon":
+            found["muon_lr"] = self.muon_lr
+            found["muon_weight_decay"] = self.muon_weight_decay
+        return found
