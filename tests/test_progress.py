@@ -164,6 +164,6 @@ def test_pretrain_on_a_pipe_logs_step_loss_tokens_per_s_and_eta(
     assert len(periodic) >= 2, done.stderr
     assert all(m[1] == m[2] for m in periodic)  # the count is the step
     steps = [int(m[1]) for m in periodic]
-    assert steps == sorted(steps) and steps[-1] < 300
+    assert steps == sorted(steps) and steps[-1] <= 300  # a periodic line may fall on the last step
     final = [x for x in done.stderr.splitlines() if x.startswith("pretrain: done 300/300")]
     assert len(final) == 1 and "loss" in final[0], done.stderr

@@ -409,3 +409,16 @@ def test_resuming_with_another_optimizer_is_refused_and_keeps_the_checkpoint(
             checkpointer=FullCheckpointer(eos_token_id=0),
         )
     assert (tmp_path / "checkpoints" / "step-0000002").is_dir()  # not taken for damaged
+
+
+def test_the_progress_bar_of_a_time_budget_counts_the_budget_not_unreachable_steps() -> None:
+    from albor.train.loop import TrainState, _done
+
+    assert _done(settings(max_steps=40), TrainState(step=7, train_s=99.0)) == 7
+    budget = settings(max_steps=10**9, max_time="10s")
+    # Time runs out first: the bar stands at the seconds spent, so its ETA is the budget's.
+    assert _done(budget, TrainState(step=500, train_s=4.0)) == pytest.approx(4.0)
+    # Steps run out first: the bar moves with the larger of the two progresses.
+    few = settings(max_steps=100, max_time="10s")
+    assert _done(few, TrainState(step=50, train_s=2.0)) == pytest.approx(5.0)
+    assert _done(few, TrainState(step=100, train_s=12.0)) == pytest.approx(10.0)  # never past

@@ -336,7 +336,7 @@ def train(
         _metrics_file(run_dir) as out,
         _StopSignals() as stop,
         Prefetcher(batches, s.max_steps, enabled=s.prefetch) as prefetch,
-        progress.bar(label, s.max_steps, completed=st.step) if rank0 else _no_bar() as bar,
+        _bar(label, s, st) if rank0 else _no_bar() as bar,
     ):
         if resumed.path is not None or resumed.warnings:
             # No numeric fields besides the step: plots read every number as a curve.
@@ -358,7 +358,7 @@ def train(
             st.val_loss = None
             if evaluate is not None and (st.step % s.eval_every == 0 or last):
                 _validate(session, out, st, evaluate)
-            _show(bar, st, rate)
+            _show(bar, s, st, rate)
             # Every rank must stop at the same step, whichever the signal reached first.
             stopping = distributed.any_rank(stop.signal is not None, device)
             stopping = stopping and not last
@@ -559,11 +559,29 @@ def _validate(
             st.best = {"step": st.step, "val_loss": st.val_loss}
 
 
-def _show(bar: progress.Bar, st: TrainState, rate: float) -> None:
+def _bar(
+    label: str, s: TrainSettings, st: TrainState
+) -> contextlib.AbstractContextManager[progress.Bar]:
+    """The run's progress bar: in steps, or under max_time in seconds of the budget, so that its
+    ETA is that of whichever limit ends the run (a step count out of reach would promise years)."""
+    if s.max_time is None:
+        return progress.bar(label, s.max_steps, completed=st.step)
+    return progress.bar(label, s.max_time, unit="s", completed=_done(s, st))
+
+
+def _done(s: TrainSettings, st: TrainState) -> float:
+    """Work done in the bar's units: steps, or the budget's seconds that the larger of the step
+    and time progress stands for."""
+    if s.max_time is None:
+        return st.step
+    return min(s.max_time, max(st.train_s, st.step / s.max_steps * s.max_time))
+
+
+def _show(bar: progress.Bar, s: TrainSettings, st: TrainState, rate: float) -> None:
     shown: dict[str, object] = {"step": st.step, "loss": f"{st.loss:.4f}", "tok/s": f"{rate:,.0f}"}
     if st.skipped_steps:
         shown["skipped"] = st.skipped_steps
-    bar.update(completed=st.step, fields=shown)
+    bar.update(completed=_done(s, st), fields=shown)
 
 
 def _snapshot(session: Session, st: TrainState) -> dict[str, Any]:
