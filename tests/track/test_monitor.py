@@ -99,6 +99,26 @@ def test_snapshot_of_a_partial_dir_while_training(tmp_path: Path) -> None:
     assert snap.pid is None and snap.eta_s == 0.0
 
 
+def test_a_time_budget_sets_progress_and_eta(tmp_path: Path) -> None:
+    # max_steps out of reach and a 60 s budget: at step 20 (40.96 s in) the run is as far along as
+    # its budget, and ends when the budget does, whatever the pace of steps says.
+    partial = tmp_path / ".pretrain.partial"
+    partial.mkdir()
+    RunTracker.open(
+        tmp_path / "runs.db",
+        "pretrain",
+        "pretrain",
+        partial,
+        pretrain_config(max_steps=10**9, max_time=60.0),
+        info={},
+    )
+    write_metrics(partial, metric_lines(range(10, 21, 10)))
+    snap = Monitor(partial).poll()
+    assert snap.status == "running"
+    assert snap.progress == pytest.approx(40.96 / 60)
+    assert snap.eta_s == pytest.approx(60 - 40.96, abs=0.1)
+
+
 def test_snapshot_without_tracker_state(tmp_path: Path) -> None:
     partial = make_run_dir(tmp_path / ".pretrain.partial", manifest=False)
     # What the loop writes on resume, and a skipped step's loss: neither is a point on a curve.

@@ -206,10 +206,24 @@ class Monitor:
         if snap.max_steps:
             snap.progress = min(step / snap.max_steps, 1.0)
             snap.eta_s = 0.0 if status == "done" else self._eta(step, snap.max_steps, status)
+        self._time_budget(snap, numeric(config.get("max_time")))
         self._throughput(snap, run_dir, config, info)
         if snap.pid is not None:
             snap.rss_bytes = process_rss(snap.pid)
         return snap
+
+    @staticmethod
+    def _time_budget(snap: Snapshot, max_time: float | None) -> None:
+        """A run with `max_time` ends when its budget is spent or at max_steps, whichever comes
+        first: progress is the larger of the two and the ETA the sooner. The budget counts
+        training steps only; the run's elapsed time (validation and checkpoints included) stands
+        in for it, so the time figures lean early by what those took."""
+        if not max_time or snap.elapsed_s is None:
+            return
+        snap.progress = max(snap.progress or 0.0, min(snap.elapsed_s / max_time, 1.0))
+        if snap.status in ("running", "unknown"):
+            left = max(max_time - snap.elapsed_s, 0.0)
+            snap.eta_s = round(left if snap.eta_s is None else min(snap.eta_s, left), 1)
 
     def _eta(self, step: int, max_steps: int, status: str) -> float | None:
         """Seconds left at the recent pace: the last two metrics lines of this process, else
