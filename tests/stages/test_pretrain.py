@@ -193,6 +193,7 @@ def test_apply_trains_and_writes_an_hf_checkpoint(token_data: Path, straight: Pa
     assert m["steps"] == 100 and m["final_loss"] < m["first_loss"] - 0.5
     assert m["precision"] == "fp32" and m["resume_warnings"] == [] and m["resumed_from"] is None
     assert m["skipped_steps"] == 0 and m["warnings"] == {}  # a learning run: nothing to report
+    assert m["bit_exact_resume"] is True and "nondeterminism" not in m
     kept = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert {"best.json", "step-0000080", "step-0000090"} <= set(kept) and len(kept) <= 4
     best = json.loads((out / "checkpoints" / "best.json").read_text())
@@ -426,6 +427,25 @@ MUON: dict[str, Any] = dict(
 )
 
 
+def crash_at_20_and_resume(cfg: pretrain.Config, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Run `cfg`, crash it right after its step-20 checkpoint, run it again to the end: the
+    resumed run's metrics."""
+    real = checkpoint.save
+
+    def crash_after_step_20(*args: Any, **kw: Any) -> Path:
+        path = real(*args, **kw)
+        if path.name == "step-0000020":
+            raise StageFailed("simulated crash")
+        return path
+
+    monkeypatch.setattr(checkpoint, "save", crash_after_step_20)
+    with pytest.raises(StageFailed, match="simulated crash"):
+        run_stage(load_stage("pretrain"), cfg)
+    monkeypatch.setattr(checkpoint, "save", real)
+    metrics: dict[str, Any] = run_stage(load_stage("pretrain"), cfg).manifest["metrics"]
+    return metrics
+
+
 def test_muon_learns_and_resumes_bit_for_bit(
     token_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -435,20 +455,7 @@ def test_muon_learns_and_resumes_bit_for_bit(
     saved = torch.load(straight / "optimizer.pt", weights_only=True)
     assert set(saved) == {"muon", "adamw"} and saved["muon"]["state"]  # both were saved
 
-    real = checkpoint.save
-
-    def crash_after_step_20(*args: Any, **kw: Any) -> Path:
-        path = real(*args, **kw)
-        if path.name == "step-0000020":
-            raise StageFailed("simulated crash")
-        return path
-
-    cfg = tiny(token_data, tmp_path / "out", **MUON)
-    monkeypatch.setattr(checkpoint, "save", crash_after_step_20)
-    with pytest.raises(StageFailed, match="simulated crash"):
-        run_stage(load_stage("pretrain"), cfg)
-    monkeypatch.setattr(checkpoint, "save", real)
-    resumed = run_stage(load_stage("pretrain"), cfg).manifest["metrics"]
+    resumed = crash_at_20_and_resume(tiny(token_data, tmp_path / "out", **MUON), monkeypatch)
     assert resumed["resumed_from"] == 20 and resumed["resume_warnings"] == []
     assert trajectory(tmp_path / "out") == trajectory(straight)  # exact floats
     wa, wb = (
@@ -456,3 +463,52 @@ def test_muon_learns_and_resumes_bit_for_bit(
         load_file(tmp_path / "out" / "model.safetensors"),
     )
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_deterministic_trains_and_leaves_the_process_as_it_was(
+    token_data: Path, tmp_path: Path
+) -> None:
+    before = torch.are_deterministic_algorithms_enabled()
+    cfg = tiny(token_data, tmp_path / "out", deterministic=True, max_steps=10, device="cpu")
+    m = run_stage(load_stage("pretrain"), cfg).manifest["metrics"]
+    assert m["bit_exact_resume"] is True and m["final_loss"] < m["first_loss"]
+    assert torch.are_deterministic_algorithms_enabled() == before
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize(
+    "speed",
+    [
+        dict(precision="fp32"),
+        dict(precision="bf16", optimizer="muon"),
+        dict(precision="auto", compile=True, deterministic=True),
+        dict(precision="auto", compile=True),
+    ],
+    ids=["fp32", "bf16-muon", "auto-compiled-deterministic", "auto-compiled"],
+)
+def test_on_cuda_a_crashed_run_resumes_to_the_straight_runs_weights(
+    token_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, speed: dict[str, Any]
+) -> None:
+    kw = {**MUON, **speed, "device": "cuda"}
+    straight = tmp_path / "straight"
+    m = run_stage(load_stage("pretrain"), tiny(token_data, straight, **kw)).manifest["metrics"]
+    assert m["final_loss"] < m["first_loss"] - 0.5 and m["skipped_steps"] == 0
+    if speed["precision"] == "auto":
+        assert m["precision"] == "bf16", m.get("precision_reason")
+    resumed = crash_at_20_and_resume(tiny(token_data, tmp_path / "out", **kw), monkeypatch)
+    assert resumed["resumed_from"] == 20 and resumed["resume_warnings"] == []
+    wa = load_file(straight / "model.safetensors")
+    wb = load_file(tmp_path / "out" / "model.safetensors")
+    diff = max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
+    if m["bit_exact_resume"]:
+        assert trajectory(tmp_path / "out") == trajectory(straight), diff
+        assert diff == 0.0
+    else:
+        # Compiled on CUDA, the embedding's backward adds atomically: the same run up to
+        # rounding, and the manifest says why it is not bit for bit.
+        assert "deterministic: true" in m["nondeterminism"]
+        assert abs(resumed["final_loss"] - m["final_loss"]) < 0.01 * m["final_loss"], diff

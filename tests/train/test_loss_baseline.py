@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from albor.data.windows import WindowSampler
@@ -62,14 +63,15 @@ def fixed_text(functions: int = 400) -> str:
     return "".join(out)
 
 
-def run_baseline(tmp_path: Path) -> list[float]:
-    """Train the tiny preset on the fixed text; the loss of every step."""
+def run_baseline(tmp_path: Path, device: torch.device | None = None) -> list[float]:
+    """Train the tiny preset on the fixed text (on the CPU unless `device`); the loss of every
+    step."""
     ids = np.frombuffer(fixed_text().encode("utf-8"), dtype=np.uint8).astype(np.uint16)
     sampler = WindowSampler([ids], seq_len=64, seed=0)
     torch.manual_seed(0)
-    model = GPT(preset("tiny"))
-    cpu = torch.device("cpu")
-    optimizer = build_adamw(model, 3e-3, 0.1, (0.9, 0.95), 1e-8, cpu)
+    device = device or torch.device("cpu")
+    model = GPT(preset("tiny")).to(device)
+    optimizer = build_adamw(model, 3e-3, 0.1, (0.9, 0.95), 1e-8, device)
     settings = TrainSettings(
         max_steps=STEPS,
         warmup_steps=4,
@@ -89,7 +91,7 @@ def run_baseline(tmp_path: Path) -> list[float]:
         optimizer,
         sampler,
         settings,
-        device=cpu,
+        device=device,
         run_dir=tmp_path,
         checkpointer=FullCheckpointer(eos_token_id=0),
     )
@@ -97,16 +99,8 @@ def run_baseline(tmp_path: Path) -> list[float]:
     return [float(r["loss"]) for r in lines if "loss" in r]
 
 
-def test_the_loss_curve_matches_the_committed_baseline(tmp_path: Path) -> None:
-    losses = run_baseline(tmp_path)
+def assert_on_baseline(losses: list[float]) -> None:
     assert len(losses) == STEPS
-    if os.environ.get("ALBOR_UPDATE_LOSS_BASELINE"):
-        record = {
-            "what": "tiny preset, 40 steps of 4 x 2 windows of 64 bytes of fixed_text(), AdamW "
-            "lr 3e-3 (4 warmup steps, cosine to 0.1), fp32, seed 0",
-            "loss": [round(x, 6) for x in losses],
-        }
-        BASELINE.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     expected = json.loads(BASELINE.read_text(encoding="utf-8"))["loss"]
     assert len(expected) == STEPS
     off = [
@@ -120,3 +114,23 @@ def test_the_loss_curve_matches_the_committed_baseline(tmp_path: Path) -> None:
     )
     # The baseline itself is a run that learns: a curve that stopped falling is not a baseline.
     assert expected[-1] < expected[0] - 2.0
+
+
+def test_the_loss_curve_matches_the_committed_baseline(tmp_path: Path) -> None:
+    losses = run_baseline(tmp_path)
+    if os.environ.get("ALBOR_UPDATE_LOSS_BASELINE"):
+        record = {
+            "what": "tiny preset, 40 steps of 4 x 2 windows of 64 bytes of fixed_text(), AdamW "
+            "lr 3e-3 (4 warmup steps, cosine to 0.1), fp32, seed 0",
+            "loss": [round(x, 6) for x in losses],
+        }
+        BASELINE.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    assert_on_baseline(losses)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_in_fp32_the_loss_curve_matches_the_cpu_baseline(tmp_path: Path) -> None:
+    """The same model, init and loop on a GPU (fp32, no TF32) computes the CPU's numbers."""
+    assert not torch.backends.cuda.matmul.allow_tf32
+    assert_on_baseline(run_baseline(tmp_path, torch.device("cuda")))

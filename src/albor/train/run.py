@@ -13,6 +13,7 @@ objective and the checkpointer.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -123,12 +124,32 @@ def run(
     """Train to the end (or resume and finish) and write the final weights to `ctx.out`.
     `config` is what the run tracker records of the stage's config."""
     threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    if settings.deterministic:
+        # cuBLAS reads this when its first handle is made; an error otherwise names it.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     try:
         return _run(settings, setup, data, ctx, stage, config, objective)
     finally:
-        torch.set_num_threads(threads)  # the caller's process keeps its own setting
+        # The caller's process keeps its own settings.
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def nondeterminism(settings: TrainSettings, setup: Setup) -> str | None:
+    """Why a resumed (or repeated) run would not reproduce the straight one bit for bit; None
+    when it does (tested on the CPU, and on CUDA with and without compile)."""
+    if settings.max_time is not None:
+        return "max_time: the last step and the learning rate depend on measured time"
+    if setup.device == "cuda" and settings.compile and not settings.deterministic:
+        return (
+            "compiled on CUDA: the embedding's backward adds atomically; set deterministic: "
+            "true for bit-exact runs"
+        )
+    return None
 
 
 def _run(
@@ -222,9 +243,9 @@ def _figures(
             "max_time_s": settings.max_time,
             "train_time_s": round(result.train_s, 3),
             "ended_by": result.ended_by,
-            # The last step and the learning rate depend on measured time.
-            "bit_exact_resume": False,
         }
+    why = nondeterminism(settings, setup)
+    exact = {"bit_exact_resume": why is None, **({"nondeterminism": why} if why else {})}
     return {
         "parameters": parameters,
         "steps": result.steps,
@@ -236,6 +257,7 @@ def _figures(
         "precision_reason": setup.precision_reason,
         "optimizer": settings.optimizer,
         **budget,
+        **exact,
         "skipped_steps": result.skipped_steps,
         "resumed_from": result.resumed_from,
         "resume_warnings": result.resume_warnings,
