@@ -17,8 +17,8 @@ learning-rate schedule (linear warmup, cosine decay to a floor) stretched over t
 
 - "albor": the pretrain stage through `run_stage`, as a user runs it, with `max_time` set to the
   budget (and `max_steps` out of reach), no validation during training, no intermediate
-  checkpoints. `max_time` counts the time spent in training steps; the loop's bookkeeping
-  between steps comes on top and shows as `loop_s` above the budget.
+  checkpoints. `max_time` counts the loop's wall clock; the final save and the stage's own
+  work around the loop come on top and show in `wall_s`.
 - "plain": the nanoGPT way of writing the loop (benchmarks/train.py `baseline_loop`): the same
   GPT, initialised under the same seed, the same windows (`WindowSampler` on the same train
   split, the same seed), AdamW with the same parameter groups, the same learning rate at every

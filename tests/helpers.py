@@ -97,3 +97,26 @@ def pretrain_config(data: Path, out: Path, **overrides: Any) -> pretrain.Config:
         seq_len=64,
     )
     return pretrain.Config.model_validate({**base, **overrides})
+
+
+def crash_at_20_and_resume(stage: str, cfg: Any, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Run training stage `stage` on `cfg`, crash it right after its step-20 checkpoint, run it
+    again to the end: the resumed run's manifest metrics."""
+    from albor.errors import StageFailed
+    from albor.stage import load_stage, run_stage
+    from albor.train import checkpoint
+
+    real = checkpoint.save
+
+    def crash_after_step_20(*args: Any, **kw: Any) -> Path:
+        path = real(*args, **kw)
+        if path.name == "step-0000020":
+            raise StageFailed("simulated crash")
+        return path
+
+    monkeypatch.setattr(checkpoint, "save", crash_after_step_20)
+    with pytest.raises(StageFailed, match="simulated crash"):
+        run_stage(load_stage(stage), cfg)
+    monkeypatch.setattr(checkpoint, "save", real)
+    metrics: dict[str, Any] = run_stage(load_stage(stage), cfg).manifest["metrics"]
+    return metrics

@@ -66,6 +66,8 @@ REGISTRY: dict[str, str] = {
     "tokenizer": "albor.stages.tokenizer",
     "tokenize": "albor.stages.tokenize",
     "pretrain": "albor.stages.pretrain",
+    "distill": "albor.stages.distill",
+    "pairs": "albor.stages.pairs",
     "evaluate": "albor.stages.evaluate",
     "export": "albor.stages.export",
 }
@@ -83,6 +85,8 @@ DESCRIPTIONS: dict[str, str] = {
     "tokenizer": "Train a ByteLevel BPE tokenizer; verify the round trip on val.",
     "tokenize": "Encode the splits into packed token shards (.npy) with an index.",
     "pretrain": "Pretrain the decoder on token shards; writes an HF-compatible checkpoint.",
+    "distill": "Train a student on token shards to match a teacher's next-token distributions.",
+    "pairs": "Mine docstring -> body pairs with `ast`, split by source file, decontaminated.",
     "evaluate": "Perplexity, HumanEval pass@k and infilling in a sandbox, custom benchmarks.",
     "export": "Export a checkpoint as an HF dir and GGUF files; check token and top-1 parity.",
 }

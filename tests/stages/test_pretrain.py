@@ -24,7 +24,7 @@ from albor.stages import pretrain
 from albor.train import checkpoint, objectives
 from albor.train.objectives import NextToken
 from albor.train.settings import model_config
-from helpers import pretrain_config, run
+from helpers import crash_at_20_and_resume, pretrain_config, run
 
 
 def tiny(data: Path, out: Path, **kw: Any) -> pretrain.Config:
@@ -412,6 +412,33 @@ def test_max_time_ends_the_run_with_validation_final_weights_and_the_lr_at_its_f
     assert state["schedule"]["max_time"] == 2.0
 
 
+def test_max_time_counts_the_loops_wall_clock_validation_included(
+    token_data: Path, tmp_path: Path
+) -> None:
+    """A budget of 3 s with a validation every second step, each of them costlier than a
+    step: the loop ends about 3 s in, not 3 s of steps plus the validations."""
+    out = tmp_path / "out"
+    cfg = tiny(
+        token_data,
+        out,
+        max_steps=10**6,
+        warmup_steps=2,
+        max_time="3s",
+        eval_every=2,
+        eval_tokens=16384,
+        checkpoint_every=10**6,
+        log_every=1,
+        threads=1,
+    )
+    m = run_stage(load_stage("pretrain"), cfg).manifest["metrics"]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in lines if "val_loss" in r]
+    assert m["ended_by"] == "max_time" and len(evals) >= 3
+    last = [r for r in lines if "loss" in r][-1]
+    # Counting steps alone would have run past 3 s by every validation's time.
+    assert 3.0 <= m["train_time_s"] <= last["elapsed_s"] + 1e-3 < 3.0 + 2.0, last
+
+
 MUON: dict[str, Any] = dict(
     optimizer="muon",
     max_steps=30,
@@ -427,25 +454,6 @@ MUON: dict[str, Any] = dict(
 )
 
 
-def crash_at_20_and_resume(cfg: pretrain.Config, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """Run `cfg`, crash it right after its step-20 checkpoint, run it again to the end: the
-    resumed run's metrics."""
-    real = checkpoint.save
-
-    def crash_after_step_20(*args: Any, **kw: Any) -> Path:
-        path = real(*args, **kw)
-        if path.name == "step-0000020":
-            raise StageFailed("simulated crash")
-        return path
-
-    monkeypatch.setattr(checkpoint, "save", crash_after_step_20)
-    with pytest.raises(StageFailed, match="simulated crash"):
-        run_stage(load_stage("pretrain"), cfg)
-    monkeypatch.setattr(checkpoint, "save", real)
-    metrics: dict[str, Any] = run_stage(load_stage("pretrain"), cfg).manifest["metrics"]
-    return metrics
-
-
 def test_muon_learns_and_resumes_bit_for_bit(
     token_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -455,7 +463,9 @@ def test_muon_learns_and_resumes_bit_for_bit(
     saved = torch.load(straight / "optimizer.pt", weights_only=True)
     assert set(saved) == {"muon", "adamw"} and saved["muon"]["state"]  # both were saved
 
-    resumed = crash_at_20_and_resume(tiny(token_data, tmp_path / "out", **MUON), monkeypatch)
+    resumed = crash_at_20_and_resume(
+        "pretrain", tiny(token_data, tmp_path / "out", **MUON), monkeypatch
+    )
     assert resumed["resumed_from"] == 20 and resumed["resume_warnings"] == []
     assert trajectory(tmp_path / "out") == trajectory(straight)  # exact floats
     wa, wb = (
@@ -499,7 +509,9 @@ def test_on_cuda_a_crashed_run_resumes_to_the_straight_runs_weights(
     assert m["final_loss"] < m["first_loss"] - 0.5 and m["skipped_steps"] == 0
     if speed["precision"] == "auto":
         assert m["precision"] == "bf16", m.get("precision_reason")
-    resumed = crash_at_20_and_resume(tiny(token_data, tmp_path / "out", **kw), monkeypatch)
+    resumed = crash_at_20_and_resume(
+        "pretrain", tiny(token_data, tmp_path / "out", **kw), monkeypatch
+    )
     assert resumed["resumed_from"] == 20 and resumed["resume_warnings"] == []
     wa = load_file(straight / "model.safetensors")
     wb = load_file(tmp_path / "out" / "model.safetensors")

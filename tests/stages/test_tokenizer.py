@@ -8,7 +8,14 @@ import pytest
 
 from albor.artifact import read_manifest
 from albor.config import validate
-from albor.data.bpe import SPECIAL_TOKENS, load_tokenizer, plain_text
+from albor.data.bpe import (
+    ALBOR_SPECIAL_TOKENS,
+    ROLES_KEY,
+    SPECIAL_TOKENS,
+    load_tokenizer,
+    plain_text,
+    special_tokens,
+)
 from albor.data.corpus import CorpusWriter, document
 from albor.errors import ArtifactError, PlanFailed, StageFailed
 from albor.stage import ApplyContext, PlanContext, load_stage, run_stage
@@ -76,6 +83,10 @@ def test_apply_trains_verifies_and_is_idempotent(splits_artifact: Path, tmp_path
     assert 2.0 < m["bytes_per_token"] < 8.0
     tok = load_tokenizer(out)
     assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+    # albor's own layout is implied, not recorded: its files are what they were before adoption.
+    assert ROLES_KEY not in (out / "tokenizer_config.json").read_text()
+    assert special_tokens(out) == ALBOR_SPECIAL_TOKENS
+    assert special_tokens(out).fim_ids == {"prefix": 1, "middle": 2, "suffix": 3}
     assert run_stage(load_stage("tokenizer"), cfg).status == "up to date"
 
 

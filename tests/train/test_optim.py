@@ -28,11 +28,21 @@ from albor.train.settings import TrainSettings
 CPU = torch.device("cpu")
 
 
-@given(st.integers(1, 5000), st.integers(0, 500), st.floats(1e-5, 1e-1), st.floats(0.0, 1.0))
-def test_schedule_shape(max_steps: int, warmup: int, lr: float, floor: float) -> None:
+@given(
+    st.integers(1, 5000),
+    st.integers(0, 500),
+    st.floats(1e-5, 1e-1),
+    st.floats(0.0, 1.0),
+    st.sampled_from(["cosine", "wsd"]),
+    st.floats(0.01, 1.0),
+)
+def test_schedule_shape(
+    max_steps: int, warmup: int, lr: float, floor: float, schedule: str, warmdown: float
+) -> None:
     warmup = min(warmup, max_steps - 1)
+    shape: dict[str, Any] = dict(schedule=schedule, warmdown_ratio=warmdown)
     rates = [
-        lr_at(s, lr=lr, warmup_steps=warmup, max_steps=max_steps, min_lr_ratio=floor)
+        lr_at(s, lr=lr, warmup_steps=warmup, max_steps=max_steps, min_lr_ratio=floor, **shape)
         for s in range(max_steps)
     ]
     assert all(0 < r <= lr * (1 + 1e-12) for r in rates)
@@ -41,8 +51,24 @@ def test_schedule_shape(max_steps: int, warmup: int, lr: float, floor: float) ->
         assert all(a < b for a, b in pairwise(rates[:warmup]))
     decay = rates[warmup:]
     assert all(a >= b - 1e-15 for a, b in pairwise(decay))
-    end = lr_at(max_steps, lr=lr, warmup_steps=warmup, max_steps=max_steps, min_lr_ratio=floor)
+    end = lr_at(
+        max_steps, lr=lr, warmup_steps=warmup, max_steps=max_steps, min_lr_ratio=floor, **shape
+    )
     assert end == pytest.approx(lr * floor)  # the schedule decays to its floor (ALB-079)
+
+
+def test_wsd_holds_the_peak_then_decays_linearly_over_the_warmdown() -> None:
+    kw: dict[str, Any] = dict(
+        lr=1e-3, warmup_steps=10, max_steps=110, min_lr_ratio=0.1, schedule="wsd"
+    )
+    rates = [lr_at(s, **kw, warmdown_ratio=0.2) for s in range(111)]
+    assert rates[9:90] == [1e-3] * 81  # held from the warmup's end to 80% of the decay span
+    steps = [rates[s] - rates[s + 1] for s in range(90, 110)]
+    assert steps == pytest.approx([steps[0]] * 20)  # linear
+    assert rates[110] == pytest.approx(1e-4)
+    # Under a time budget the same shape runs over the time: half the budget, still the peak.
+    assert lr_at(20, **kw, warmdown_ratio=0.2, time_progress=0.5) == 1e-3
+    assert lr_at(20, **kw, warmdown_ratio=0.2, time_progress=0.9) == pytest.approx(5.5e-4)
 
 
 def test_weight_decay_only_on_matrices() -> None:

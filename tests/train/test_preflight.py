@@ -169,8 +169,12 @@ def test_max_time_sizes_the_steps_and_is_refused_when_no_step_fits(
     # A budget of about 1000 steps in a run of a million: the budget ends it.
     checks, e = planned(max_steps=10**6, warmup_steps=3, max_time=step_s * 1000)
     assert checks["time budget"].startswith("ok: max_time ")
-    assert "of max_steps 1,000,000 steps; the learning rate decays" in checks["time budget"]
+    assert "of max_steps 1,000,000 steps (warmup 0% of them)" in checks["time budget"]
     assert e["max_time_s"] == step_s * 1000 and abs(e["steps_in_time_budget"] - 1000) <= 1
+    # What the run will take is the budget, and the checkpoints are those of the steps in it.
+    assert e["wall_time_s"] == round(step_s * 1000, 1) and "time budget" in checks["wall time"]
+    assert e["warmup_fraction"] == pytest.approx(3 / 1000, abs=1e-5)
+    assert e["checkpoints"]["written"] <= 1000 // 10 + 1
     checks, e = planned(max_steps=30, max_time="1h")
     assert "outlasts max_steps 30" in checks["time budget"]
     assert e["steps_in_time_budget"] == 30

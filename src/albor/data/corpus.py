@@ -180,3 +180,15 @@ def require_splits(directory: Path) -> dict[str, Any]:
             f"{', '.join(m + '.parquet' for m in missing)} (point it at the output of split)"
         )
     return manifest
+
+
+def draw_split(key: str, seed: str, val: float, test: float) -> str:
+    """The split of an item identified by the hex digest `key`: a uniform draw from the salted
+    hash, the rule the split stage applies to documents and the pairs stage to records."""
+    h = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    u = int.from_bytes(h[:8], "big") / 2**64
+    if u < val:
+        return "val"
+    if u < val + test:
+        return "test"
+    return "train"

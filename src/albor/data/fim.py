@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -182,8 +182,11 @@ def encode_packed_fim(
     draws: Sequence[Draw | None],
     dtype: np.dtype[Any],
     eos_id: int = EOS_ID,
+    sentinel_ids: Mapping[str, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Like `shards.encode_packed`, with document i transformed by `draws[i]` (None: plain).
+    `sentinel_ids`: the FIM tokens' ids by slot (None: albor's own tokenizer's; an adopted
+    tokenizer's come from `bpe.special_tokens`).
 
     Plain documents and the pieces of FIM documents go through one `encode_batch_fast` call, so
     the Rust thread pool encodes them together; only the selected documents are cut.
@@ -200,7 +203,8 @@ def encode_packed_fim(
         else:
             segments.extend(piece for _, piece in arrange(to_pieces(text, d.lo, d.hi), d.mode))
     encoded = iter(tokenizer.encode_batch_fast(segments, add_special_tokens=False))
-    sentinel = {slot: np.array([i], dtype) for slot, i in SENTINEL_IDS.items()}
+    ids = dict(SENTINEL_IDS) if sentinel_ids is None else dict(sentinel_ids)
+    sentinel = {slot: np.array([ids[slot]], dtype) for slot in SENTINEL_IDS}
     eos = np.array([eos_id], dtype)
     parts: list[np.ndarray] = []
     lengths = np.empty(len(texts), np.int64)

@@ -34,11 +34,68 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+import pyarrow as pa
+from pydantic import Field, model_validator
 
+from albor.config import Int, StageConfig
 from albor.errors import DataError
 from albor.evals import benchmarks as bench
+from albor.plan import Plan
 
 ShortTexts = Literal["skip", "whole"]
+# Below this, n-grams are short enough to tie ordinary code to a benchmark.
+SHORT_NGRAM = 5
+# The columns a stage's rejection report gives a text it dropped as contaminated.
+CONTAMINATION_COLUMNS = (
+    ("benchmarks", pa.list_(pa.string())),
+    ("task_ids", pa.list_(pa.string())),
+    ("shared_ngrams", pa.int64()),
+)
+
+
+class Decontamination(StageConfig):
+    """The settings of a stage that drops texts sharing n-grams with benchmarks."""
+
+    benchmarks: list[bench.BenchmarkConfig] = Field(
+        default_factory=lambda: [bench.BenchmarkConfig(name=bench.HUMANEVAL)],
+        min_length=1,
+        description="Benchmarks to decontaminate against: {name: humaneval, fields: [...]} "
+        "(built in) or {name: X, path: file.jsonl, id_field: task_id, fields: [...]}.",
+    )
+    ngram: Int = Field(default=10, ge=1, description="n-gram length, in code tokens.")
+    min_matches: Int = Field(
+        default=1,
+        ge=1,
+        description="Distinct benchmark n-grams a text must share to be dropped.",
+    )
+    short_texts: ShortTexts = Field(
+        default="skip",
+        description="Benchmark texts with fewer than `ngram` tokens: `skip` them (a one-liner "
+        "such as `return x + y` appears in ordinary code), or index their `whole` token "
+        "sequence as one shorter n-gram.",
+    )
+
+    def check_ngram(self, p: Plan, what: str) -> None:
+        """The plan's word on the n-gram length: below 5 tokens, ordinary code matches."""
+        p.warn_if(
+            "ngram",
+            self.ngram < SHORT_NGRAM,
+            f"{self.ngram}-grams are short enough to match ordinary code: use {SHORT_NGRAM} or "
+            "more",
+            f"{self.ngram}-grams of code tokens, {self.min_matches} shared to drop a {what}",
+        )
+
+    @model_validator(mode="after")
+    def _distinct_names(self) -> Decontamination:
+        seen: set[str] = set()
+        for i, b in enumerate(self.benchmarks):
+            if b.name in seen:
+                raise ValueError(
+                    f"benchmarks[{i}]: name '{b.name}' is used twice; give each a distinct `name`"
+                )
+            seen.add(b.name)
+        return self
+
 
 _TOKEN = re.compile(r"\w+")
 # Odd, and 3 mod 4, so that P - 1 has a single factor of two: two sequences that differ by a swap

@@ -23,7 +23,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from albor import progress
 from albor.artifact import atomic_write_json
@@ -42,9 +42,10 @@ from albor.data.corpus import (
 from albor.errors import DataError
 from albor.evals import benchmarks as bench
 from albor.evals.contamination import (
+    CONTAMINATION_COLUMNS,
+    Decontamination,
     Hit,
     NgramIndex,
-    ShortTexts,
     check_benchmarks,
     index_benchmarks,
     scan,
@@ -58,37 +59,15 @@ INPUTS = ("input",)
 REPORT_FILE = "report.json"
 CONTAMINATED = "contaminated"
 REJECTED_SCHEMA = rejected_schema(
-    ("benchmarks", pa.list_(pa.string())),
-    ("task_ids", pa.list_(pa.string())),
-    ("shared_ngrams", pa.int64()),
+    *CONTAMINATION_COLUMNS,
 )
 # Tokenising, hashing and lookup: measured at about 17 MB/s on one core over the whole stdlib.
 _MB_PER_S = 15.0
-# Below this, n-grams are short enough to tie ordinary code to a benchmark.
-_SHORT_NGRAM = 5
 
 
-class Config(OutputConfig):
+class Config(Decontamination, OutputConfig):
     input: Path | None = Field(
         default=None, description="Corpus artifact directory (from ingest, clean or dedup)."
-    )
-    benchmarks: list[bench.BenchmarkConfig] = Field(
-        default_factory=lambda: [bench.BenchmarkConfig(name=bench.HUMANEVAL)],
-        min_length=1,
-        description="Benchmarks to decontaminate against: {name: humaneval, fields: [...]} "
-        "(built in) or {name: X, path: file.jsonl, id_field: task_id, fields: [...]}.",
-    )
-    ngram: Int = Field(default=10, ge=1, description="n-gram length, in code tokens.")
-    min_matches: Int = Field(
-        default=1,
-        ge=1,
-        description="Distinct benchmark n-grams a document must share to be dropped.",
-    )
-    short_texts: ShortTexts = Field(
-        default="skip",
-        description="Benchmark texts with fewer than `ngram` tokens: `skip` them (a one-liner "
-        "such as `return x + y` appears in ordinary code), or index their `whole` token "
-        "sequence as one shorter n-gram.",
     )
     batch_rows: Int = Field(
         default=1024, gt=0, description="Rows per record batch while streaming."
@@ -99,17 +78,6 @@ class Config(OutputConfig):
             "scan the documents for benchmark n-grams (each holds a copy of the index)"
         ),
     )
-
-    @model_validator(mode="after")
-    def _distinct_names(self) -> Config:
-        seen: set[str] = set()
-        for i, b in enumerate(self.benchmarks):
-            if b.name in seen:
-                raise ValueError(
-                    f"benchmarks[{i}]: name '{b.name}' is used twice; give each a distinct `name`"
-                )
-            seen.add(b.name)
-        return self
 
 
 def source_state(cfg: Config) -> dict[str, str]:
@@ -131,12 +99,7 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
     ctx = ctx or PlanContext()
     p = Plan(NAME)
     workers = parallel.plan_workers(p, cfg.workers)
-    p.warn_if(
-        "ngram",
-        cfg.ngram < _SHORT_NGRAM,
-        f"{cfg.ngram}-grams are short enough to match ordinary code: use {_SHORT_NGRAM} or more",
-        f"{cfg.ngram}-grams of code tokens, {cfg.min_matches} shared to drop a document",
-    )
+    cfg.check_ngram(p, "document")
     index, _ = build(cfg, p)
     p.estimates["ngrams_indexed"] = index.ngrams_per_benchmark()
     manifest = check_input(

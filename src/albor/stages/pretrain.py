@@ -9,68 +9,24 @@ next-token objective through `train/run.py`.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from pydantic import Field
-
-from albor.errors import ArtifactError
-from albor.model.estimate import format_count
 from albor.plan import Plan
-from albor.stage import ApplyContext, Outcome, OutputConfig, PlanContext, check_input
+from albor.stage import ApplyContext, Outcome, OutputConfig, PlanContext
 from albor.train import preflight
+from albor.train.planning import TokenDataInput, plan_run
 from albor.train.settings import ModelSettings, TrainSettings
 
 NAME = "pretrain"
 INPUTS = ("data",)
 
 
-class Config(TrainSettings, ModelSettings, OutputConfig):
-    data: Path | None = Field(None, description="Token shard artifact directory (from tokenize).")
-
-
-def _data_facts(cfg: Config, p: Plan, ctx: PlanContext) -> preflight.DataFacts | None:
-    """Read the tokenize output's index (not the shards); None when it is pending or unusable."""
-    from albor.data.shards import TokenIndex
-
-    def load(path: Path) -> TokenIndex:
-        try:
-            return TokenIndex.load(path)
-        except ArtifactError as e:
-            raise ArtifactError(f"{e} (run the tokenize stage first)") from e
-
-    index = check_input(p, ctx, "data", cfg.data, load, "a tokenize output directory")
-    if index is None:
-        return None
-    train = index.splits.get("train")
-    if train is None or train.tokens == 0:
-        p.add("data", "fail", f"{cfg.data}: the train split holds no tokens (add data)")
-        return None
-    p.add("data", "ok", f"{cfg.data}: {format_count(train.tokens)} train tokens")
-    val = index.splits.get("val")
-    return preflight.DataFacts(
-        vocab_size=index.vocab_size,
-        train_tokens=train.tokens,
-        val_tokens=val.tokens if val is not None else None,
-    )
+class Config(TrainSettings, ModelSettings, TokenDataInput, OutputConfig):
+    pass
 
 
 def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
     p = Plan(NAME)
-    setup = preflight.check_run(p, cfg, cfg)
-    if setup is None:
-        return p
-    facts = _data_facts(cfg, p, ctx or PlanContext())
-    if facts is not None:
-        preflight.check_data(p, cfg, setup, facts)
-    preflight.check_device(p, cfg, setup)
-    total = setup.tokens_per_step * cfg.max_steps
-    where = f"{setup.world} x {setup.target[0]}" if setup.target else setup.device
-    until = f" or until max_time {preflight.format_duration(cfg.max_time)}" if cfg.max_time else ""
-    p.actions.append(
-        f"train {format_count(setup.parameters)} parameters for {cfg.max_steps} steps{until} "
-        f"({format_count(total)} tokens) on {where} in {setup.precision} with {cfg.optimizer}"
-    )
-    p.actions.append(f"write the checkpoint (HF layout) to {cfg.output}")
+    if plan_run(p, cfg, cfg, cfg.data, ctx or PlanContext()) is not None:
+        p.actions.append(f"write the checkpoint (HF layout) to {cfg.output}")
     return p
 
 

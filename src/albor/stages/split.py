@@ -7,7 +7,6 @@ others.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from pydantic import Field, model_validator
@@ -16,6 +15,7 @@ from albor.data.corpus import (
     CORPUS_FILE,
     SPLITS,
     CorpusWriter,
+    draw_split,
     iter_batches,
     num_rows,
     require_corpus,
@@ -48,13 +48,7 @@ class Config(OutputConfig):
 
 def assign(sha256: str, cfg: Config) -> str:
     """The split of a document with content hash `sha256`: a uniform draw from the salted hash."""
-    h = hashlib.sha256(f"{cfg.seed}:{sha256}".encode()).digest()
-    u = int.from_bytes(h[:8], "big") / 2**64
-    if u < cfg.val:
-        return "val"
-    if u < cfg.val + cfg.test:
-        return "test"
-    return "train"
+    return draw_split(sha256, cfg.seed, cfg.val, cfg.test)
 
 
 def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:

@@ -27,7 +27,15 @@ from tokenizers import Tokenizer
 from albor import progress
 from albor.artifact import read_manifest, sha256_file
 from albor.config import Int, StageConfig
-from albor.data.bpe import EOS_ID, TOKENIZER_FILES, TOKENIZER_JSON, load_tokenizer, plain_text
+from albor.data.bpe import (
+    ALBOR_SPECIAL_TOKENS,
+    TOKENIZER_FILES,
+    TOKENIZER_JSON,
+    SpecialTokens,
+    load_tokenizer,
+    plain_text,
+    special_tokens,
+)
 from albor.data.corpus import SPLITS, iter_batches, num_rows, open_corpus, require_splits
 from albor.data.fim import FORMATS, SENTINELS_PER_DOCUMENT, Draw, FimSettings, encode_packed_fim
 from albor.data.shards import (
@@ -262,8 +270,10 @@ def encode_split(
     writer: ShardWriter,
     batch_rows: int,
     fim: FimSettings | None = None,
+    specials: SpecialTokens = ALBOR_SPECIAL_TOKENS,
 ) -> tuple[int, SplitInfo, int]:
-    """Encode one split into `writer`, FIM-transforming documents when `fim` is given.
+    """Encode one split into `writer`, FIM-transforming documents when `fim` is given; EOS and
+    the FIM sentinels are `specials`' ids (an adopted tokenizer's may differ from albor's).
 
     Returns (documents read, what was written, documents packed as FIM examples).
     """
@@ -276,7 +286,7 @@ def encode_split(
             sizes = batch.column("bytes").to_pylist()
             if fim is None:
                 for chunk, chunk_sizes in text_batches(texts, sizes):
-                    ids, lengths = encode_packed(tok, chunk, writer.dtype, EOS_ID)
+                    ids, lengths = encode_packed(tok, chunk, writer.dtype, specials.eos_id)
                     writer.write(ids, lengths, chunk_sizes)
             else:
                 hashes = batch.column("sha256").to_pylist()
@@ -290,7 +300,9 @@ def encode_split(
                 for chunk, chunk_sizes in text_batches(texts, sizes):
                     chunk_draws: list[Draw | None] = draws[start : start + len(chunk)]
                     start += len(chunk)
-                    ids, lengths = encode_packed_fim(tok, chunk, chunk_draws, writer.dtype, EOS_ID)
+                    ids, lengths = encode_packed_fim(
+                        tok, chunk, chunk_draws, writer.dtype, specials.eos_id, specials.fim_ids
+                    )
                     writer.write(ids, lengths, chunk_sizes)
             read += len(texts)
             bar.advance(len(texts))
@@ -300,6 +312,7 @@ def encode_split(
 def apply(cfg: Config, ctx: ApplyContext) -> Outcome:
     assert cfg.corpus is not None and cfg.tokenizer is not None
     loaded = load_tokenizer(cfg.tokenizer)
+    specials = special_tokens(cfg.tokenizer, loaded)
     vocab = loaded.get_vocab_size()
     dtype = token_dtype(vocab)
     tok = plain_text(loaded)
@@ -314,7 +327,7 @@ def apply(cfg: Config, ctx: ApplyContext) -> Outcome:
         writer = ShardWriter(ctx.out, split, cfg.shard_tokens, dtype)
         fim = cfg.fim.settings() if cfg.fim.applies_to(split) else None
         read, splits[split], fim_docs[split] = encode_split(
-            tok, cfg.corpus, split, writer, cfg.batch_rows, fim
+            tok, cfg.corpus, split, writer, cfg.batch_rows, fim, specials
         )
         documents_in += read
     seconds = time.perf_counter() - t0
@@ -330,7 +343,7 @@ def apply(cfg: Config, ctx: ApplyContext) -> Outcome:
     TokenIndex(
         vocab_size=vocab,
         dtype=dtype.name,
-        eos_id=EOS_ID,
+        eos_id=specials.eos_id,
         tokenizer_sha256=sha256_file(ctx.out / TOKENIZER_JSON),
         splits=splits,
         fim=fim_record,

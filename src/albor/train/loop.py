@@ -134,7 +134,7 @@ class TrainState:
     skipped_steps: int = 0
     bad_in_row: int = 0
     elapsed_s: float = 0.0  # wall time over every session of the run
-    train_s: float = 0.0  # time in training steps over every session: what max_time budgets
+    train_s: float = 0.0  # the loop's wall time over every session: what max_time budgets
     warmup_end_s: float | None = None  # train_s when warmup ended (the time decay starts there)
     resume_warnings: list[str] = field(default_factory=list)
     loss_reference: float | None = None  # health's first-window mean, carried over a resume
@@ -206,7 +206,7 @@ class LoopResult:
     best: dict[str, Any] | None = None
     state: dict[str, Any] = field(default_factory=dict)
     ended_by: str = "max_steps"  # or "max_time": the time budget was spent first
-    train_s: float = 0.0  # time in training steps over every session of the run
+    train_s: float = 0.0  # the loop's wall time over every session of the run
 
 
 @dataclass
@@ -343,10 +343,14 @@ def train(
             name = resumed.path.name if resumed.path is not None else None
             resume = {"event": "resume", "checkpoint": name, "warnings": resumed.warnings}
             metrics.append(out, {"step": st.step, **resume})
+        mark = time.perf_counter()
         while st.step < s.max_steps and not _spent(s, st):
-            started = time.perf_counter()
             grad_norm = train_step(session, st, prefetch.get(st.step))
-            st.train_s += _step_time(session, time.perf_counter() - started)
+            # The budget counts the wall clock of the loop: this step, and the logging,
+            # validation and checkpoint of the step before (the final ones come on top).
+            now = time.perf_counter()
+            st.train_s += _step_time(session, now - mark)
+            mark = now
             st.step += 1
             st.tokens += session.tokens_per_step
             st.elapsed_s = elapsed_before + time.perf_counter() - t0
@@ -401,7 +405,7 @@ def _spent(s: TrainSettings, st: TrainState) -> bool:
 
 
 def _step_time(session: Session, seconds: float) -> float:
-    """A step's duration as the time budget counts it: under a budget in a job of several
+    """A step's wall time as the time budget counts it: under a budget in a job of several
     ranks, their mean, so that every rank sees the same time, hence the same learning rate and
     the same last step."""
     if session.settings.max_time is not None and session.world > 1:
@@ -425,6 +429,8 @@ def train_step(session: Session, st: TrainState, batches: list[torch.Tensor]) ->
         max_steps=s.max_steps,
         min_lr_ratio=s.min_lr_ratio,
         time_progress=time_progress(st.train_s, st.warmup_end_s, s.max_time),
+        schedule=s.lr_schedule,
+        warmdown_ratio=s.warmdown_ratio,
     )
     set_lr(optimizer, st.lr, s)
     optimizer.zero_grad(set_to_none=True)

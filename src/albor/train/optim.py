@@ -5,10 +5,11 @@
 matrix's update), AdamW for the embeddings, the output head, norms and biases; `MuonAdamW` steps
 the two as one optimizer, so the loop and the checkpoints see one object.
 
-Schedule: linear warmup from 0 to `lr` over `warmup_steps`, then cosine decay to
-`lr * min_lr_ratio` at `max_steps` (a floor, not zero, so late steps still learn). Under a time
-budget the decay's progress is the larger of the steps' and the time's, so the floor is reached
-at whichever end comes first.
+Schedule: linear warmup from 0 to `lr` over `warmup_steps`, then (cosine) a cosine decay to
+`lr * min_lr_ratio` at `max_steps`, or (wsd) `lr` held and a linear decay to that floor over the
+last `warmdown_ratio` of the run (a floor, not zero, so late steps still learn). Under a time
+budget the run's progress is the larger of the steps' and the time's, so the floor is reached at
+whichever end comes first.
 """
 
 from __future__ import annotations
@@ -169,15 +170,20 @@ def lr_at(
     max_steps: int,
     min_lr_ratio: float,
     time_progress: float = 0.0,
+    schedule: str = "cosine",
+    warmdown_ratio: float = 0.3,
 ) -> float:
-    """Learning rate for optimizer step `step` (0-based). `time_progress`: how far the decay is
-    through a time budget (0 without one); the decay follows whichever of steps and time is
-    further on."""
+    """Learning rate for optimizer step `step` (0-based). `time_progress`: how far the run
+    after warmup is through a time budget (0 without one); the schedule follows whichever of
+    steps and time is further on. cosine: decay from the warmup's end; wsd: hold `lr`, then
+    decay linearly over the last `warmdown_ratio` of the run."""
     if warmup_steps > 0 and step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     decay_steps = max(max_steps - warmup_steps, 1)
     progress = min(max(max(step - warmup_steps, 0) / decay_steps, time_progress), 1.0)
     floor = lr * min_lr_ratio
+    if schedule == "wsd":
+        return floor + (lr - floor) * min(1.0, (1.0 - progress) / warmdown_ratio)
     return floor + (lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 

@@ -84,6 +84,16 @@ class Setup:
 
 
 @dataclass(frozen=True)
+class Extra:
+    """What a stage runs beside the model it trains (a distillation's teacher): its memory on
+    the device and its FLOPs per trained token, added to the estimates."""
+
+    what: str
+    memory: int = 0
+    flops_per_token: float = 0.0
+
+
+@dataclass(frozen=True)
 class DataFacts:
     """What the checks need to know of a run's data, read from its headers and index."""
 
@@ -282,7 +292,10 @@ def check_run(p: Plan, settings: TrainSettings, model: ModelSettings) -> Setup |
         settings.min_lr_ratio >= 1.0,
         "min_lr_ratio 1 keeps the learning rate constant after warmup (a run once plateaued "
         "so): use a floor of about 0.1",
-        f"cosine decay to {settings.min_lr_ratio:g} x lr",
+        f"cosine decay to {settings.min_lr_ratio:g} x lr"
+        if settings.lr_schedule == "cosine"
+        else f"lr held, then a linear decay over the last {settings.warmdown_ratio:.0%} of the "
+        f"run to {settings.min_lr_ratio:g} x lr (wsd)",
     )
     return s
 
@@ -385,9 +398,10 @@ def check_data(p: Plan, settings: TrainSettings, s: Setup, data: DataFacts) -> N
     )
 
 
-def check_device(p: Plan, settings: TrainSettings, s: Setup) -> None:
+def check_device(p: Plan, settings: TrainSettings, s: Setup, extra: Extra | None = None) -> None:
     """Speed options the device must support, memory, checkpoints on disk, and wall time: on
-    the machine at hand, or on the `target` GPU the run is planned for."""
+    the machine at hand, or on the `target` GPU the run is planned for. `extra`: what runs
+    beside the model (its memory and FLOPs count too)."""
     budget = memory_budget(
         s.model,
         settings.micro_batch,
@@ -395,6 +409,9 @@ def check_device(p: Plan, settings: TrainSettings, s: Setup) -> None:
         precision=MEMORY_PRECISION[s.precision],
         activation_checkpointing=settings.activation_checkpointing,
     )
+    if extra is not None and extra.memory:
+        total = budget.pop("total") + extra.memory
+        budget = {**budget, extra.what: extra.memory, "total": total}
     p.estimates["memory"] = {k: format_bytes(v) for k, v in budget.items()}
     if s.target is not None:
         _check_target(p, budget["total"], s.target)
@@ -412,8 +429,10 @@ def check_device(p: Plan, settings: TrainSettings, s: Setup) -> None:
                 f"needs {format_bytes(budget['total'])} but {s.device} has "
                 f"{format_bytes(available)} ({what}): {_SMALLER}",
             )
-    _estimate_checkpoints(p, settings, s.parameters)
-    _estimate_time(p, settings, s)
+    _estimate_time(p, settings, s, extra.flops_per_token if extra is not None else 0.0)
+    # Under a time budget, the steps that fit it are the run's.
+    steps = min(settings.max_steps, p.estimates.get("steps_in_time_budget", settings.max_steps))
+    _estimate_checkpoints(p, settings, s.parameters, steps)
 
 
 _SMALLER = (
@@ -463,13 +482,13 @@ def _check_speed_options(p: Plan, settings: TrainSettings, device: str) -> None:
         )
 
 
-def _estimate_checkpoints(p: Plan, settings: TrainSettings, parameters: int) -> None:
+def _estimate_checkpoints(p: Plan, settings: TrainSettings, parameters: int, steps: int) -> None:
     # Weights + two AdamW states, fp32 whatever the precision (Muon keeps one state for the
     # matrices it takes: an upper bound then).
     ckpt_bytes = parameters * 4 * 3
     # Intermediate checkpoints every checkpoint_every steps before the last, one more at each
     # validation that improves between them (at most every eval step), and the final weights.
-    steps, every = settings.max_steps, settings.checkpoint_every
+    every = settings.checkpoint_every
     intermediate = (steps - 1) // every
     on_improvement = 0
     if settings.eval_tokens > 0:
@@ -486,8 +505,9 @@ def _estimate_checkpoints(p: Plan, settings: TrainSettings, parameters: int) -> 
     p.estimates["disk_bytes"] = kept * ckpt_bytes
 
 
-def _estimate_time(p: Plan, settings: TrainSettings, s: Setup) -> None:
-    flops = flops_per_token(s.model, s.seq_len) * s.tokens_per_step * settings.max_steps
+def _estimate_time(p: Plan, settings: TrainSettings, s: Setup, extra_flops: float = 0.0) -> None:
+    per_token = flops_per_token(s.model, s.seq_len) + extra_flops
+    flops = per_token * s.tokens_per_step * settings.max_steps
     p.estimates["train_flops"] = float(flops)
     # Activation checkpointing runs each block's forward twice.
     work = flops * (RECOMPUTE_FACTOR if settings.activation_checkpointing else 1.0)
@@ -532,12 +552,20 @@ def _check_time_budget(
             "raise max_time or lower warmup_steps",
         )
     elif fit < settings.max_steps:
+        warmup = settings.warmup_steps / max(fit, 1)
+        p.estimates["warmup_fraction"] = round(min(warmup, 1.0), 4)
         p.add(
             "time budget",
             "ok",
-            f"max_time {shown}: about {fit:,} of max_steps {settings.max_steps:,} steps; the "
-            "learning rate decays to its floor when the time is spent",
+            f"max_time {shown}: about {fit:,} of max_steps {settings.max_steps:,} steps (warmup "
+            f"{warmup:.0%} of them); the learning rate decays to its floor when the time is "
+            "spent",
         )
+        # The budget, not max_steps, is what the run will take.
+        p.estimates["wall_time_s"] = round(budget, 1)
+        p.estimates["wall_time"] = format_duration(budget)
+        p.checks = [c for c in p.checks if c.name != "wall time"]
+        p.add("wall time", "ok", f"about {shown}: the time budget ends the run")
     else:
         p.add(
             "time budget",

@@ -25,6 +25,7 @@ from albor.model.presets import PRESETS, preset
 Precision = Literal["fp32", "bf16"]  # what a run computes in, "auto" resolved
 PrecisionSetting = Literal["auto", "fp32", "bf16"]
 Optimizer = Literal["adamw", "muon"]
+Schedule = Literal["cosine", "wsd"]
 Parallelism = Literal["none", "ddp", "fsdp"]
 
 _UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
@@ -123,8 +124,8 @@ class TrainSettings(StageConfig):
     max_steps: Int = Field(1000, gt=0, description="Optimizer steps (authoritative; data repeats).")
     max_time: Duration | None = Field(
         None,
-        description="Time budget of the training steps (validation and checkpoint writes are "
-        "not counted; a resumed run counts the time already spent): 90s, 10m, 2h, 1h30m, or "
+        description="Time budget of the training loop, wall clock (steps, periodic validation "
+        "and checkpoints; a resumed run counts the time already spent): 90s, 10m, 2h, 1h30m, or "
         "seconds. The run validates, saves its final weights and ends when it is spent or at "
         "max_steps, whichever comes first, and the learning rate decays to its floor at that "
         "point (warmup stays in steps). Time is not deterministic: a run with max_time does not "
@@ -132,7 +133,22 @@ class TrainSettings(StageConfig):
     )
     warmup_steps: Int = Field(100, ge=0, description="Linear warmup steps; must be < max_steps.")
     lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a fraction of lr.")
+    min_lr_ratio: float = Field(
+        0.1, ge=0, le=1, description="The decay's floor as a fraction of lr."
+    )
+    lr_schedule: Schedule = Field(
+        "cosine",
+        description="After the warmup: cosine (decay from lr to the floor over the rest of the "
+        "run) or wsd (warmup-stable-decay: hold lr, then decay linearly to the floor over the "
+        "last warmdown_ratio of the run). Both count the run in steps, or in time under "
+        "max_time.",
+    )
+    warmdown_ratio: float = Field(
+        0.3,
+        gt=0,
+        le=1,
+        description="lr_schedule: wsd: the fraction of the run after warmup spent decaying.",
+    )
     optimizer: Optimizer = Field(
         "adamw",
         description="adamw: AdamW for every parameter. muon: torch.optim.Muon (PyTorch >= 2.9) "
@@ -280,6 +296,9 @@ class TrainSettings(StageConfig):
         }
         if self.max_time is not None:
             found["max_time"] = self.max_time
+        if self.lr_schedule != "cosine":
+            found["lr_schedule"] = self.lr_schedule
+            found["warmdown_ratio"] = self.warmdown_ratio
         if self.optimizer == "muon":
             found["muon_lr"] = self.muon_lr
             found["muon_weight_decay"] = self.muon_weight_decay

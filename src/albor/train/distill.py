@@ -1,0 +1,292 @@
+"""Knowledge distillation for a causal LM: the loss, as pure torch functions, and its objective.
+
+At every scored position the loss is `alpha * T^2 * KL(q || p_T) + (1 - alpha) * CE`: q the
+teacher's next-token distribution (its top-k renormalised over those k ids, or its whole
+vocabulary), p_T the student's softmax at temperature T, CE the student's plain next-token
+cross-entropy (T = 1) on the data. The T^2 keeps the KL term's gradient, `T * (p_T - q)`, on the
+scale of the cross-entropy's as T grows (Hinton et al., 2015).
+
+`topk_teacher` turns teacher logits into the (ids, log-probabilities) pairs an offline teacher
+shard stores; `kd_loss_sum` scores a student against such pairs and `dense_kd_loss_sum` against
+full teacher logits (the reference the top-k loss equals when k is the vocabulary). `Distill` is
+the training loop's `Objective` for online distillation: the teacher runs beside the student,
+forward only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from albor.errors import ConfigError
+from albor.train.objectives import NextToken
+
+# Per-chunk loss over scored rows only: (student logits, *teacher arrays, targets) -> scalar.
+RowLoss = Callable[..., torch.Tensor]
+
+
+def _check(temperature: float, alpha: float, chunk_rows: int | None) -> None:
+    if not temperature > 0:
+        raise ConfigError(f"distillation temperature is {temperature}: it must be above 0")
+    if not 0 <= alpha <= 1:
+        raise ConfigError(f"distillation alpha is {alpha}: it must be between 0 and 1")
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ConfigError(f"chunk_rows is {chunk_rows}: give a positive row count, or None")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for bf16/fp16/fp32 inputs (a softmax over a big vocabulary loses too much in 16
+    bits); fp64 inputs stay fp64, so tests can compare to tight tolerances."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def topk_teacher(
+    logits: torch.Tensor, k: int, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's k most likely token ids (int64, most likely first) per row of `logits`
+    (..., V) and their log-probabilities under softmax(logits / T) over the FULL vocabulary: a
+    row's k probabilities sum to at most 1 (what the other V - k tokens hold is left out).
+
+    Computed in fp32 (fp64 for fp64 input), without gradients: this is what an offline teacher
+    shard stores, and `kd_loss_sum` renormalises it over the k ids.
+    """
+    _check(temperature, 1.0, None)
+    vocab = logits.shape[-1]
+    if not 1 <= k <= vocab:
+        raise ConfigError(
+            f"top-k of {k} from a vocabulary of {vocab:,} tokens: k must be between 1 and {vocab}"
+        )
+    with torch.no_grad():
+        scaled = logits.detach().to(_compute_dtype(logits.dtype)) / temperature
+        # Shifted so the largest is 0: the likely tokens' log-probabilities are then differences
+        # of small numbers, and their probabilities sum to 1 within a few fp32 ulps rather than
+        # within ulps of the logits' magnitude.
+        shifted = scaled - scaled.amax(dim=-1, keepdim=True)
+        values, ids = shifted.topk(k, dim=-1, largest=True, sorted=True)
+        logprobs = values - shifted.exp().sum(dim=-1, keepdim=True).log()
+    return ids, logprobs
+
+
+def _kl(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """sum q (log q - log p) over all rows; a token the teacher gives probability 0 adds 0 (and no
+    gradient), not 0 * -inf."""
+    q = log_q.exp()
+    return (torch.xlogy(q, q) - q * log_p).sum()
+
+
+def _blend(
+    z: torch.Tensor,
+    kl: Callable[[], torch.Tensor],
+    targets: torch.Tensor,
+    temperature: float,
+    alpha: float,
+) -> torch.Tensor:
+    """alpha * T^2 * KL + (1 - alpha) * CE over the rows of `z`; a term weighted 0 is not computed
+    (its teacher arrays may then hold anything)."""
+    loss = z.new_zeros(())
+    if alpha > 0:
+        loss = loss + alpha * temperature**2 * kl()
+    if alpha < 1:
+        loss = loss + (1 - alpha) * F.cross_entropy(z, targets.long(), reduction="sum")
+    return loss
+
+
+def _chunked_sum(
+    row_loss: RowLoss,
+    student_logits: torch.Tensor,
+    teacher: tuple[torch.Tensor, ...],
+    targets: torch.Tensor,
+    ignore_index: int,
+    chunk_rows: int | None,
+) -> tuple[torch.Tensor, int]:
+    """Sum of `row_loss` over the scored rows, chunk by chunk of `chunk_rows` rows.
+
+    Each chunk selects its scored rows before any arithmetic, so a masked row's values (padding,
+    inf, NaN, out-of-range ids) never enter the loss and its gradient is exactly zero. With more
+    than one chunk, each chunk runs under activation checkpointing: its fp32 softmaxes are
+    recomputed in backward instead of kept, so memory holds one chunk's (rows x V), not the
+    batch's.
+    """
+    lead = student_logits.shape[:-1]
+    if targets.shape != lead or any(x.shape[:-1] != lead for x in teacher):
+        shapes = ", ".join(str(tuple(x.shape)) for x in teacher)
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and targets {tuple(targets.shape)} "
+            f"or teacher arrays ({shapes}) differ in their rows: align them row for row"
+        )
+    z = student_logits.reshape(-1, student_logits.shape[-1])
+    rows = z.shape[0]
+    y = targets.reshape(-1)
+    t = tuple(x.detach().reshape(rows, x.shape[-1]) for x in teacher)
+    dtype = _compute_dtype(student_logits.dtype)
+
+    def chunk(zc: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        *tc, yc = rest
+        scored = yc != ignore_index
+        return row_loss(zc[scored].to(dtype), *(x[scored] for x in tc), yc[scored])
+
+    step = rows if chunk_rows is None else chunk_rows
+    recompute = step < rows and torch.is_grad_enabled() and z.requires_grad
+    total: torch.Tensor | None = None
+    for start in range(0, max(rows, 1), max(step, 1)):
+        part_args = (z[start : start + step], *(x[start : start + step] for x in t))
+        part_args += (y[start : start + step],)
+        if recompute:
+            part = checkpoint(chunk, *part_args, use_reentrant=False)
+        else:
+            part = chunk(*part_args)
+        total = part if total is None else total + part
+    assert total is not None
+    return total, int((y != ignore_index).sum())
+
+
+def kd_loss_sum(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float,
+    alpha: float,
+    ignore_index: int = -100,
+    chunk_rows: int | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Distillation loss against a teacher's top-k: (sum over scored rows, number of those rows).
+
+    Shapes: `student_logits` (..., V); `teacher_ids` (..., k) int64 and `teacher_logprobs`
+    (..., k), as `topk_teacher` gives them; `targets` (...). Alignment contract: row t of every
+    array describes token t + 1. The student's logits at position t predict token t + 1, and so
+    must row t of the teacher arrays (the teacher's distribution of token t + 1, computed from
+    tokens 0..t) and `targets[t]` (token t + 1 itself); the caller shifts the teacher rows to
+    match, as the model's own next-token loss shifts its targets.
+
+    A row is scored where `targets != ignore_index`: `alpha * T^2 * KL(q || p_T) + (1 - alpha) *
+    CE`, with q = softmax(teacher_logprobs) (the k probabilities renormalised to sum to 1) and
+    p_T = softmax(student_logits / T) over the whole vocabulary, read at the k teacher ids.
+    Other rows add exactly zero to the loss and its gradient, whatever they hold. Computed in fp32
+    whatever the input dtype (fp64 stays fp64). `chunk_rows` bounds the memory of the fp32
+    softmaxes to that many rows at a time; the result is the same loss, summed chunk by chunk.
+    """
+    _check(temperature, alpha, chunk_rows)
+    if teacher_ids.shape != teacher_logprobs.shape:
+        raise ValueError(
+            f"teacher ids {tuple(teacher_ids.shape)} and log-probabilities "
+            f"{tuple(teacher_logprobs.shape)} differ in shape: they must pair id with value"
+        )
+
+    def rows(z: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        def kl() -> torch.Tensor:
+            log_p = F.log_softmax(z / temperature, dim=-1).gather(-1, ids.long())
+            return _kl(F.log_softmax(lp.to(z.dtype), dim=-1), log_p)
+
+        return _blend(z, kl, y, temperature, alpha)
+
+    teacher = (teacher_ids, teacher_logprobs)
+    return _chunked_sum(rows, student_logits, teacher, targets, ignore_index, chunk_rows)
+
+
+def dense_kd_loss_sum(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float,
+    alpha: float,
+    ignore_index: int = -100,
+    chunk_rows: int | None = None,
+) -> tuple[torch.Tensor, int]:
+    """`kd_loss_sum` against the teacher's full logits (..., V): q = softmax(teacher_logits / T)
+    over the whole vocabulary. The same alignment contract and masking; equal to `kd_loss_sum`
+    given `topk_teacher(teacher_logits, V, T)`. For online distillation of a small teacher."""
+    _check(temperature, alpha, chunk_rows)
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher logits {tuple(teacher_logits.shape)} and student logits "
+            f"{tuple(student_logits.shape)} differ in shape: same positions, same vocabulary"
+        )
+
+    def rows(z: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        def kl() -> torch.Tensor:
+            log_q = F.log_softmax(t.to(z.dtype) / temperature, dim=-1)
+            return _kl(log_q, F.log_softmax(z / temperature, dim=-1))
+
+        return _blend(z, kl, y, temperature, alpha)
+
+    return _chunked_sum(rows, student_logits, (teacher_logits,), targets, ignore_index, chunk_rows)
+
+
+@dataclass(frozen=True, eq=False)
+class Distill:
+    """Online distillation: the loop's `Objective` with a teacher that runs beside the student.
+
+    A batch is what `NextToken` takes: `(B, T + 1)` windows, or `(B, 2, T)` inputs and targets
+    (targets equal to `ignore_index` not scored). The teacher reads the same inputs as the student,
+    so its logits at position t are its distribution of token t + 1, the row the student's
+    logits at t and `targets[t]` describe. With `top_k` the teacher's k most likely tokens are
+    kept and renormalised (a `top_k` of the vocabulary size or more keeps them all); without it
+    the whole distribution is. `chunk_rows` bounds the loss's fp32 softmax memory (see
+    `kd_loss_sum`). The teacher is put in eval mode with gradients off.
+    """
+
+    teacher: nn.Module
+    temperature: float = 2.0
+    alpha: float = 0.5
+    top_k: int | None = None
+    ignore_index: int = -100
+    chunk_rows: int | None = 4096
+
+    def __post_init__(self) -> None:
+        _check(self.temperature, self.alpha, self.chunk_rows)
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"distillation top_k is {self.top_k}: give k >= 1, or None for all")
+        self.teacher.eval()
+        self.teacher.requires_grad_(False)
+
+    def targets(self, batch: torch.Tensor) -> int:
+        return NextToken(self.ignore_index).targets(batch)
+
+    def loss_sum(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        inputs, targets = NextToken(self.ignore_index).split(batch)
+        T, alpha, ignore, chunk = self.temperature, self.alpha, self.ignore_index, self.chunk_rows
+        with torch.no_grad():
+            teacher_logits: torch.Tensor = self.teacher(inputs)
+        teacher_vocab = teacher_logits.shape[-1]
+        topk: tuple[torch.Tensor, torch.Tensor] | None = None
+        if self.top_k is not None:
+            # Reduced before the student's forward, so the teacher's full logits are freed first.
+            topk = topk_teacher(teacher_logits, min(self.top_k, teacher_vocab), T)
+            del teacher_logits
+        logits: torch.Tensor = model(inputs)  # no targets: GPT.forward returns the logits
+        if logits.shape[-1] != teacher_vocab:
+            raise ConfigError(
+                f"the teacher's vocabulary has {teacher_vocab:,} tokens and the student's "
+                f"{logits.shape[-1]:,}: distillation compares the two distributions token id by "
+                "token id, so build the student with the teacher's tokenizer (vocab_size "
+                f"{teacher_vocab}) and tokenize the data with it"
+            )
+        if topk is None:
+            loss, _ = dense_kd_loss_sum(
+                logits,
+                teacher_logits,
+                targets,
+                temperature=T,
+                alpha=alpha,
+                ignore_index=ignore,
+                chunk_rows=chunk,
+            )
+        else:
+            loss, _ = kd_loss_sum(
+                logits,
+                *topk,
+                targets,
+                temperature=T,
+                alpha=alpha,
+                ignore_index=ignore,
+                chunk_rows=chunk,
+            )
+        return loss

@@ -1,0 +1,350 @@
+"""The distillation loss's mathematical contracts, property-tested (fp64 where a tolerance is
+compared), and the online `Distill` objective on tiny models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from albor.errors import ConfigError
+from albor.model.gpt import GPT
+from albor.model.presets import preset
+from albor.train.distill import Distill, dense_kd_loss_sum, kd_loss_sum, topk_teacher
+from albor.train.objectives import NextToken, Objective
+
+seeds = st.integers(0, 2**16)
+row_counts = st.integers(1, 10)
+vocabs = st.integers(2, 40)
+temperatures = st.floats(0.25, 4.0)
+alphas = st.floats(0.0, 1.0)
+scales = st.floats(0.1, 8.0)
+fractions = st.floats(0.0, 1.0)
+
+
+def randn(gen: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+
+
+def top(vocab: int, fraction: float) -> int:
+    """A k between 1 and the vocabulary, drawn as a fraction of it."""
+    return 1 + round(fraction * (vocab - 1))
+
+
+def scored_targets(gen: torch.Generator, n: int, vocab: int, masked: bool) -> torch.Tensor:
+    """Targets for n rows; with `masked`, about a third of them are -100 (never all of them)."""
+    y = torch.randint(0, vocab, (n,), generator=gen)
+    if masked:
+        drop = torch.rand(n, generator=gen) < 1 / 3
+        drop[0] = False
+        y[drop] = -100
+    return y
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=seeds, n=row_counts, vocab=vocabs, frac=fractions, T=temperatures, scale=scales)
+def test_kl_is_nonnegative_and_zero_against_itself(
+    seed: int, n: int, vocab: int, frac: float, T: float, scale: float
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    z, t = randn(gen, n, vocab, scale=scale), randn(gen, n, vocab, scale=scale)
+    y = scored_targets(gen, n, vocab, masked=False)
+    ids, lp = topk_teacher(t, top(vocab, frac), T)
+    for i in range(n):  # every row's KL, not only their sum, is >= 0
+        one = slice(i, i + 1)
+        row, count = kd_loss_sum(z[one], ids[one], lp[one], y[one], temperature=T, alpha=1.0)
+        assert count == 1 and row.item() >= -1e-10
+    dense, _ = dense_kd_loss_sum(z, t, y, temperature=T, alpha=1.0)
+    assert dense.item() >= -1e-10
+    ids, lp = topk_teacher(z, vocab, T)
+    itself, _ = kd_loss_sum(z, ids, lp, y, temperature=T, alpha=1.0)
+    assert abs(itself.item()) < 1e-6
+    assert abs(dense_kd_loss_sum(z, z, y, temperature=T, alpha=1.0)[0].item()) < 1e-6
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=seeds, n=row_counts, vocab=vocabs, T=temperatures, alpha=alphas, masked=st.booleans())
+def test_top_k_of_the_whole_vocabulary_is_the_dense_loss(
+    seed: int, n: int, vocab: int, T: float, alpha: float, masked: bool
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    z, t = randn(gen, 2, n, vocab, scale=3), randn(gen, 2, n, vocab, scale=3)
+    y = torch.stack([scored_targets(gen, n, vocab, masked) for _ in range(2)])
+    ids, lp = topk_teacher(t, vocab, T)
+    got, count = kd_loss_sum(z, ids, lp, y, temperature=T, alpha=alpha)
+    want, dense_count = dense_kd_loss_sum(z, t, y, temperature=T, alpha=alpha)
+    assert count == dense_count == int((y != -100).sum())
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=seeds, n=row_counts, vocab=vocabs, T=temperatures, mean=st.booleans())
+def test_kl_gradient_is_T_times_student_minus_teacher(
+    seed: int, n: int, vocab: int, T: float, mean: bool
+) -> None:
+    """alpha = 1, k = V: d/dz [T^2 KL(q || softmax(z/T))] = T (softmax(z/T) - q) per row, and
+    that over n when the summed loss is divided by its n rows."""
+    gen = torch.Generator().manual_seed(seed)
+    z = randn(gen, n, vocab, scale=3).requires_grad_()
+    t = randn(gen, n, vocab, scale=3)
+    ids, lp = topk_teacher(t, vocab, T)
+    loss, count = kd_loss_sum(z, ids, lp, torch.zeros(n, dtype=torch.long), temperature=T, alpha=1)
+    (loss / count if mean else loss).backward()
+    want = T * (torch.softmax(z.detach() / T, -1) - torch.softmax(t / T, -1))
+    assert z.grad is not None
+    torch.testing.assert_close(z.grad, want / n if mean else want, rtol=1e-9, atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=seeds,
+    n=row_counts,
+    vocab=vocabs,
+    frac=fractions,
+    T=temperatures,
+    alpha=alphas,
+    masked=st.booleans(),
+)
+def test_gradient_of_the_blend_for_any_k(
+    seed: int, n: int, vocab: int, frac: float, T: float, alpha: float, masked: bool
+) -> None:
+    """The renormalised q sums to 1, so for any k the gradient of a scored row is
+    alpha T (softmax(z/T) - q scattered to the vocabulary) + (1 - alpha) (softmax(z) - onehot(y)),
+    and a masked row's is zero."""
+    gen = torch.Generator().manual_seed(seed)
+    z = randn(gen, n, vocab, scale=3).requires_grad_()
+    ids, lp = topk_teacher(randn(gen, n, vocab, scale=3), top(vocab, frac), T)
+    y = scored_targets(gen, n, vocab, masked)
+    loss, _ = kd_loss_sum(z, ids, lp, y, temperature=T, alpha=alpha)
+    loss.backward()
+    q = torch.zeros(n, vocab, dtype=torch.float64).scatter(-1, ids, torch.softmax(lp, -1))
+    zd, scored = z.detach(), y != -100
+    onehot = F.one_hot(y.clamp(min=0), vocab).double()
+    want = alpha * T * (torch.softmax(zd / T, -1) - q) + (1 - alpha) * (
+        torch.softmax(zd, -1) - onehot
+    )
+    want[~scored] = 0
+    assert z.grad is not None
+    torch.testing.assert_close(z.grad, want, rtol=1e-9, atol=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=seeds, seq=st.integers(2, 12), vocab=st.integers(3, 40), scale=scales)
+def test_a_one_hot_teacher_at_the_next_token_is_cross_entropy_and_a_shift_breaks_it(
+    seed: int, seq: int, vocab: int, scale: float
+) -> None:
+    """KL to a one-hot q is the cross-entropy at that token: with the teacher's row t at token
+    x[t+1] (the alignment contract), alpha = 1 and T = 1 give the next-token loss exactly."""
+    gen = torch.Generator().manual_seed(seed)
+    steps = torch.randint(1, vocab, (2, seq + 1), generator=gen)
+    x = steps.cumsum(-1) % vocab  # x[t+1] != x[t]: a shifted teacher points elsewhere
+    targets = x[:, 1:]
+    # Each row's target is its most likely token by a margin of 1 or more, so any other token
+    # scores at least 1 nat worse: a shifted teacher cannot match by chance.
+    z = randn(gen, 2, seq, vocab, scale=scale)
+    z.scatter_(-1, targets[..., None], z.amax(-1, keepdim=True) + 1)
+    zeros = torch.zeros(2, seq, 1, dtype=torch.float64)
+    ce = F.cross_entropy(z.flatten(0, 1), targets.flatten(), reduction="sum")
+    aligned, _ = kd_loss_sum(z, targets[..., None], zeros, targets, temperature=1.0, alpha=1.0)
+    torch.testing.assert_close(aligned, ce, rtol=1e-12, atol=1e-12)
+    shifted, _ = kd_loss_sum(z, x[:, :-1, None], zeros, targets, temperature=1.0, alpha=1.0)
+    assert shifted.item() >= ce.item() + 2 * seq - 1e-9
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=seeds, n=st.integers(2, 10), vocab=vocabs, frac=fractions, T=temperatures, alpha=alphas)
+def test_masked_rows_add_nothing_whatever_they_hold(
+    seed: int, n: int, vocab: int, frac: float, T: float, alpha: float
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    k = top(vocab, frac)
+    z = randn(gen, n, vocab, scale=3)
+    t = randn(gen, n, vocab, scale=3)
+    ids, lp = topk_teacher(t, k, T)
+    y = scored_targets(gen, n, vocab, masked=True)
+    y[-1] = -100  # at least one masked row
+    scored = y != -100
+    want, want_count = kd_loss_sum(
+        z[scored], ids[scored], lp[scored], y[scored], temperature=T, alpha=alpha
+    )
+    dense_want, _ = dense_kd_loss_sum(z[scored], t[scored], y[scored], temperature=T, alpha=alpha)
+    # Garbage where nothing is scored: non-finite logits, out-of-range ids, -inf log-probabilities.
+    z, t, ids, lp = z.clone(), t.clone(), ids.clone(), lp.clone()
+    z[~scored] = float("nan")
+    z[~scored, 0] = float("inf")
+    t[~scored] = float("-inf")
+    ids[~scored] = vocab + 7
+    lp[~scored] = float("-inf")
+    z.requires_grad_()
+    got, count = kd_loss_sum(z, ids, lp, y, temperature=T, alpha=alpha)
+    got.backward()
+    assert count == want_count == int(scored.sum())
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert z.grad is not None and torch.equal(z.grad[~scored], torch.zeros_like(z.grad[~scored]))
+    assert torch.isfinite(z.grad).all()
+    dense, _ = dense_kd_loss_sum(z, t, y, temperature=T, alpha=alpha)
+    torch.testing.assert_close(dense, dense_want, rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=seeds,
+    n=row_counts,
+    vocab=vocabs,
+    frac=fractions,
+    T=temperatures,
+    alpha=alphas,
+    chunk=st.integers(1, 12),
+    dense=st.booleans(),
+)
+def test_chunked_equals_unchunked_in_sum_and_gradient(
+    seed: int, n: int, vocab: int, frac: float, T: float, alpha: float, chunk: int, dense: bool
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    z = randn(gen, 2, n, vocab, scale=3)
+    t = randn(gen, 2, n, vocab, scale=3)
+    ids, lp = topk_teacher(t, top(vocab, frac), T)
+    y = torch.stack([scored_targets(gen, n, vocab, masked=True) for _ in range(2)])
+
+    def run(chunk_rows: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        zz = z.clone().requires_grad_()
+        if dense:
+            loss, count = dense_kd_loss_sum(
+                zz, t, y, temperature=T, alpha=alpha, chunk_rows=chunk_rows
+            )
+        else:
+            loss, count = kd_loss_sum(
+                zz, ids, lp, y, temperature=T, alpha=alpha, chunk_rows=chunk_rows
+            )
+        loss.backward()
+        assert zz.grad is not None
+        return loss.detach(), zz.grad, count
+
+    whole, whole_grad, whole_count = run(None)
+    parts, parts_grad, parts_count = run(chunk)
+    assert parts_count == whole_count
+    torch.testing.assert_close(parts, whole, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(parts_grad, whole_grad, rtol=1e-12, atol=1e-14)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=seeds, vocab=vocabs, frac=fractions, T=temperatures, scale=scales, bf16=st.booleans())
+def test_topk_teacher_keeps_the_k_most_likely_with_full_vocabulary_logprobs(
+    seed: int, vocab: int, frac: float, T: float, scale: float, bf16: bool
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    k = top(vocab, frac)
+    logits = randn(gen, 3, 4, vocab, scale=scale).to(torch.bfloat16 if bf16 else torch.float64)
+    ids, lp = topk_teacher(logits, k, T)
+    assert ids.dtype == torch.int64 and ids.shape == lp.shape == (3, 4, k)
+    assert lp.dtype == (torch.float32 if bf16 else torch.float64)
+    wide = logits.double()
+    # The k largest (ties may pick either id, so compare the values they carry).
+    want = wide.sort(dim=-1, descending=True).values[..., :k]
+    torch.testing.assert_close(wide.gather(-1, ids), want, rtol=0, atol=0)
+    assert torch.isfinite(lp).all()
+    assert (lp[..., 1:] <= lp[..., :-1]).all()  # most likely first
+    assert (lp.double().exp().sum(-1) <= 1 + 1e-6).all()
+    full = torch.log_softmax(wide / T, dim=-1).gather(-1, ids)
+    rtol, atol = (1e-5, 1e-4) if bf16 else (1e-12, 1e-12)
+    torch.testing.assert_close(lp.double(), full, rtol=rtol, atol=atol)
+
+
+def test_16_bit_logits_are_scored_in_fp32() -> None:
+    gen = torch.Generator().manual_seed(0)
+    z = randn(gen, 6, 300, scale=4).to(torch.bfloat16)
+    t = randn(gen, 6, 300, scale=4)
+    y = torch.randint(0, 300, (6,), generator=gen)
+    ids, lp = topk_teacher(t, 16, 2.0)
+    got, _ = kd_loss_sum(z, ids, lp, y, temperature=2.0, alpha=0.5)
+    want, _ = kd_loss_sum(z.float(), ids, lp.float(), y, temperature=2.0, alpha=0.5)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_bad_settings_are_config_errors_that_name_the_setting() -> None:
+    z, y = torch.zeros(2, 5), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ConfigError, match="temperature"):
+        dense_kd_loss_sum(z, z, y, temperature=0.0, alpha=0.5)
+    with pytest.raises(ConfigError, match="alpha"):
+        dense_kd_loss_sum(z, z, y, temperature=1.0, alpha=1.5)
+    with pytest.raises(ConfigError, match="top-k of 6"):
+        topk_teacher(z, 6, 1.0)
+    with pytest.raises(ValueError, match="row for row"):
+        dense_kd_loss_sum(z, z, torch.zeros(3, dtype=torch.long), temperature=1.0, alpha=0.5)
+
+
+def tiny(seed: int, **overrides: int) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(preset("tiny", **overrides))
+
+
+@pytest.mark.parametrize("top_k", [None, 8, 10_000])
+def test_distill_objective_scores_the_student_against_its_teacher(top_k: int | None) -> None:
+    teacher, student = tiny(1), tiny(2)
+    windows = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(3))
+    objective: Objective = Distill(teacher, temperature=2.0, alpha=0.3, top_k=top_k, chunk_rows=5)
+    assert objective.targets(windows) == 2 * 16
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    loss = objective.loss_sum(student, windows)
+    loss.backward()
+    inputs, targets = windows[:, :-1], windows[:, 1:]
+    with torch.no_grad():
+        z, t = student(inputs), teacher(inputs)
+    if top_k is None or top_k >= 512:
+        want, _ = dense_kd_loss_sum(z, t, targets, temperature=2.0, alpha=0.3)
+    else:
+        ids, lp = topk_teacher(t, top_k, 2.0)
+        want, _ = kd_loss_sum(z, ids, lp, targets, temperature=2.0, alpha=0.3)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.detach(), want, rtol=1e-5, atol=1e-4)
+    assert all(p.grad is not None for p in student.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+class NextOf(nn.Module):
+    """An oracle teacher for sequences that count up by one: all its mass on (token + 1) mod V."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+        self.unused = nn.Linear(1, 1)  # a parameter, to see it frozen
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return 30.0 * F.one_hot((input_ids + 1) % self.vocab, self.vocab).float()
+
+
+def test_distill_aligns_the_teacher_with_the_next_token() -> None:
+    """On counting sequences the oracle's top-1 at position t is token t + 1: alpha = 1, T = 1 is
+    then the student's own next-token loss, for windows and for (inputs, targets) with a mask."""
+    student = tiny(4)
+    windows = (torch.arange(17) + torch.tensor([[0], [100]])) % 512
+    objective = Distill(NextOf(512), temperature=1.0, alpha=1.0, top_k=1)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            objective.loss_sum(student, windows), NextToken().loss_sum(student, windows)
+        )
+        inputs, targets = windows[:, :-1], windows[:, 1:].clone()
+        targets[0, :4] = -1
+        pairs = torch.stack([inputs, targets], dim=1)
+        masked = Distill(NextOf(512), temperature=1.0, alpha=1.0, top_k=1, ignore_index=-1)
+        assert masked.targets(pairs) == 32 - 4
+        torch.testing.assert_close(
+            masked.loss_sum(student, pairs), NextToken(ignore_index=-1).loss_sum(student, pairs)
+        )
+
+
+def test_distill_refuses_a_teacher_of_another_vocabulary() -> None:
+    objective = Distill(tiny(1, vocab_size=640), temperature=2.0, alpha=0.5)
+    with pytest.raises(ConfigError, match=r"640 tokens.*512"):
+        objective.loss_sum(tiny(2), torch.randint(0, 512, (1, 9)))
+
+
+def test_distill_settings_are_checked_when_built() -> None:
+    with pytest.raises(ConfigError, match="top_k"):
+        Distill(tiny(1), top_k=0)
+    with pytest.raises(ConfigError, match="alpha"):
+        Distill(tiny(1), alpha=-0.1)
