@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from albor.cli import ALIASES, cli
-from albor.stage import DESCRIPTIONS, REGISTRY, load_stage
+from albor.stage import DESCRIPTIONS, REGISTRY, TRAINING_STAGES, load_stage
 from helpers import run, write_corpus_artifact
 
 
@@ -15,11 +15,15 @@ def test_verbs_match_registry() -> None:
     assert set(DESCRIPTIONS) == set(REGISTRY)
     for kind in [*REGISTRY, *ALIASES]:
         group = cli.commands[kind]
-        extra = {"watch"} if kind == "train" else set()  # the training supervisor
+        # The training stages (and their aliases) have the crash-restarting supervisor.
+        trains = ALIASES.get(kind, kind) in TRAINING_STAGES
+        extra = {"watch"} if trains else set()
         assert set(group.commands) == {"plan", "apply", "keys", *extra}  # type: ignore[attr-defined]
     for kind in REGISTRY:
         module = load_stage(kind)
         assert kind == module.NAME
+        # Every stage that composes the training settings is one the supervisor knows.
+        assert (kind in TRAINING_STAGES) == ("max_steps" in module.Config.model_fields), kind
         assert not hasattr(module, "DESCRIPTION"), "stage.DESCRIPTIONS is the one table"
         for attr in ("Config", "plan", "apply", "INPUTS"):
             assert hasattr(module, attr), f"{kind} lacks {attr}"

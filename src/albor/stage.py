@@ -67,6 +67,7 @@ REGISTRY: dict[str, str] = {
     "tokenize": "albor.stages.tokenize",
     "pretrain": "albor.stages.pretrain",
     "distill": "albor.stages.distill",
+    "finetune": "albor.stages.finetune",
     "pairs": "albor.stages.pairs",
     "evaluate": "albor.stages.evaluate",
     "export": "albor.stages.export",
@@ -74,6 +75,9 @@ REGISTRY: dict[str, str] = {
 
 # One line per stage type for `albor --help`; the only copy (a stage module carries none), kept
 # here so help never imports a stage.
+# The stages that train and resume from checkpoints: `albor STAGE watch` supervises them.
+TRAINING_STAGES = ("pretrain", "distill", "finetune")
+
 DESCRIPTIONS: dict[str, str] = {
     "ingest": "Read .py files (stdlib, dirs, globs, git checkouts), Parquet, JSONL or cached HF "
     "datasets into a Parquet corpus.",
@@ -86,6 +90,8 @@ DESCRIPTIONS: dict[str, str] = {
     "tokenize": "Encode the splits into packed token shards (.npy) with an index.",
     "pretrain": "Pretrain the decoder on token shards; writes an HF-compatible checkpoint.",
     "distill": "Train a student on token shards to match a teacher's next-token distributions.",
+    "finetune": "LoRA-finetune a base model on docstring -> body pairs; writes the peft adapter "
+    "and the merged model.",
     "pairs": "Mine docstring -> body pairs with `ast`, split by source file, decontaminated.",
     "evaluate": "Perplexity, HumanEval pass@k and infilling in a sandbox, custom benchmarks.",
     "export": "Export a checkpoint as an HF dir and GGUF files; check token and top-1 parity.",

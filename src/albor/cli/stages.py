@@ -1,4 +1,5 @@
-"""`albor STAGE plan|apply|keys` for every stage type, and `albor train watch`."""
+"""`albor STAGE plan|apply|keys` for every stage type, and `albor STAGE watch` for the training
+stages."""
 
 from __future__ import annotations
 
@@ -14,7 +15,14 @@ from albor.cli.common import ALIASES, SET_HELP, Exit, emit_json, err, out
 from albor.config import load_config, read_yaml
 from albor.errors import ConfigError
 from albor.plan import Plan
-from albor.stage import DESCRIPTIONS, PlanContext, StageConfig, load_stage, run_stage
+from albor.stage import (
+    DESCRIPTIONS,
+    TRAINING_STAGES,
+    PlanContext,
+    StageConfig,
+    load_stage,
+    run_stage,
+)
 
 # ----- stage commands -------------------------------------------------------------------------
 
@@ -189,13 +197,14 @@ def stage_group(kind: str) -> click.Group:
             )
             out.print(f"[bold]{key}[/] (default {default}): {field.description or ''}")
 
-    if kind == "train":
-        group.add_command(watch_command(target, epilog))
+    if target in TRAINING_STAGES:
+        group.add_command(watch_command(kind, target, epilog))
     return group
 
 
-def watch_command(target: str, epilog: str) -> click.Command:
-    """`albor train watch`: run `train apply` under the crash-restarting supervisor."""
+def watch_command(kind: str, target: str, epilog: str) -> click.Command:
+    """`albor KIND watch` (train, distill, ...): `KIND apply` under the crash-restarting
+    supervisor."""
 
     @click.command(name="watch", epilog=epilog)
     @click.argument("config", metavar="CONFIG")
@@ -239,7 +248,7 @@ def watch_command(target: str, epilog: str) -> click.Command:
         stable_after: float,
         kill_grace: float,
     ) -> None:
-        """Run `train apply CONFIG` and keep it running: restart it after a crash or a hang.
+        """Run `apply CONFIG` and keep it running: restart it after a crash or a hang.
 
         Each crash is written up in the run dir's crash-reports/ (exit code or signal, what it
         likely means, last step and loss, the tail of stderr); the run resumes from its newest
@@ -260,7 +269,7 @@ def watch_command(target: str, epilog: str) -> click.Command:
             )
         except ValueError as e:
             raise click.UsageError(str(e)) from e
-        command = [sys.executable, "-m", "albor", "train", "apply", config]
+        command = [sys.executable, "-m", "albor", kind, "apply", config]
         for o in overrides:
             command += ["--set", o]
         if stage_name:

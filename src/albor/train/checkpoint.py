@@ -3,7 +3,10 @@
 One checkpoint is a directory `checkpoints/step-NNNNNNN/` (the run's final weights use the same
 layout at the top of the run directory):
 
-    model.safetensors, config.json  the weights, HF layout (`albor.model.hf`), fp32
+    model.safetensors, config.json  the weights, HF layout (`albor.model.hf`), fp32; or
+    trainable.safetensors           only the trainable parameters, by their names in the model
+                                    (a finetune's adapter: the frozen base is not the run's to
+                                    save, and rereading it from the base is exact)
     tokenizer files                 so that every checkpoint loads on its own in transformers
     optimizer.pt                    the optimizer's state_dict (AdamW moments and step counts;
                                     with optimizer: muon, Muon's momentum and AdamW's, keyed
@@ -24,7 +27,8 @@ weights are: a kept step directory, or "." for the run's final weights.
 
 The loop does not know the checkpoint format: it hands a `Checkpointer` the model, optimizer and
 trainer state. `FullCheckpointer` writes the whole model in HF layout with the tokenizer files
-(pretrain, distill); an adapter checkpointer (finetune) writes only the trained weights. Under
+(pretrain, distill); an adapter checkpointer (finetune) writes only the trained weights
+(`trainable_only`), and resuming loads them over the model the run built from its base. Under
 FSDP, `gather` collects the shards on rank 0 first, and `resume_ranks` has every rank resume from
 the checkpoint rank 0 chose.
 """
@@ -56,6 +60,7 @@ STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
 MANIFEST_FILE = "checkpoint.json"
+TRAINABLE_FILE = "trainable.safetensors"
 BEST_FILE = "best.json"
 FORMAT = 1
 _STEP_DIR = re.compile(r"step-(\d+)")
@@ -134,9 +139,14 @@ def write(
     *,
     eos_token_id: int,
     extra_files: list[Path] = (),  # type: ignore[assignment]
+    trainable_only: bool = False,
 ) -> None:
-    """Write the checkpoint files into an existing directory, the manifest last."""
-    written = save_pretrained(model, model.cfg, directory, eos_token_id=eos_token_id)
+    """Write the checkpoint files into an existing directory, the manifest last.
+    `trainable_only`: the parameters that train, not the model (see `TRAINABLE_FILE`)."""
+    if trainable_only:
+        written = [write_trainable(directory / TRAINABLE_FILE, model)]
+    else:
+        written = save_pretrained(model, model.cfg, directory, eos_token_id=eos_token_id)
     for f in extra_files:
         shutil.copy2(f, directory / f.name)
         written.append(directory / f.name)
@@ -160,17 +170,40 @@ def save(
     *,
     eos_token_id: int,
     extra_files: list[Path] = (),  # type: ignore[assignment]
+    trainable_only: bool = False,
 ) -> Path:
     """Write a complete checkpoint at `directory` (replacing one that is there)."""
     tmp = directory.with_name(f".{directory.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    write(tmp, model, optimizer, state, eos_token_id=eos_token_id, extra_files=extra_files)
+    write(
+        tmp,
+        model,
+        optimizer,
+        state,
+        eos_token_id=eos_token_id,
+        extra_files=extra_files,
+        trainable_only=trainable_only,
+    )
     if directory.exists():  # a replayed step after a resume: same contents, replace it
         _remove(directory)
     tmp.rename(directory)
     return directory
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters of `model` that train, by name: what a trainable-only checkpoint holds."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def write_trainable(path: Path, model: nn.Module) -> Path:
+    """Save `trainable_state(model)` (CPU, contiguous, fp32 as trained) to `path`."""
+    from safetensors.torch import save_file
+
+    tensors = {n: p.detach().to("cpu").contiguous() for n, p in trainable_state(model).items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return path
 
 
 def _remove(directory: Path) -> None:
@@ -276,6 +309,19 @@ class Loaded:
     optimizer: dict[str, Any]
     rng: dict[str, Any]
     state: dict[str, Any]
+    partial: bool = False  # only the trainable parameters (TRAINABLE_FILE)
+
+
+def _read_trainable(directory: Path, model: nn.Module, device: torch.device) -> dict[str, Any]:
+    """A trainable-only checkpoint's tensors, checked against `model`'s trainable parameters."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(directory / TRAINABLE_FILE), device=str(device))
+    expected = {n: tuple(p.shape) for n, p in trainable_state(model).items()}
+    found = {n: tuple(t.shape) for n, t in weights.items()}
+    if found != expected:
+        raise CheckpointError("its trainable parameters are not this run's (another adapter)")
+    return weights
 
 
 def load(directory: Path, model: GPT, device: torch.device) -> Loaded:
@@ -283,10 +329,15 @@ def load(directory: Path, model: GPT, device: torch.device) -> Loaded:
     problems = verify(directory)
     if problems:
         raise CheckpointError("; ".join(problems))
+    partial = (directory / TRAINABLE_FILE).is_file()
     try:
-        loaded, cfg = load_pretrained(directory, device=device)
-        if cfg != model.cfg:
-            raise CheckpointError("its config.json describes a different model")
+        if partial:
+            weights = _read_trainable(directory, model, device)
+        else:
+            loaded, cfg = load_pretrained(directory, device=device)
+            if cfg != model.cfg:
+                raise CheckpointError("its config.json describes a different model")
+            weights = loaded.state_dict()
         optim = torch.load(directory / OPTIMIZER_FILE, map_location=device, weights_only=True)
         rng = torch.load(directory / RNG_FILE, map_location="cpu", weights_only=True)
         state = json.loads((directory / STATE_FILE).read_text(encoding="utf-8"))
@@ -294,7 +345,7 @@ def load(directory: Path, model: GPT, device: torch.device) -> Loaded:
         raise
     except Exception as e:  # any failure to read is the same verdict: this one cannot be used
         raise CheckpointError(f"unreadable: {type(e).__name__}: {e}") from e
-    return Loaded(directory, loaded.state_dict(), optim, rng, state)
+    return Loaded(directory, weights, optim, rng, state, partial)
 
 
 def optimizer_name(state: dict[str, Any]) -> str:
@@ -314,7 +365,10 @@ def apply(loaded: Loaded, model: nn.Module, optimizer: torch.optim.Optimizer) ->
                 f"optimizer: {now}: set optimizer: {saved} to resume it, or train into a new "
                 "output directory"
             )
-    model.load_state_dict(loaded.weights)
+    if loaded.partial:  # the frozen rest is the base the run was built from
+        model.load_state_dict(loaded.weights, strict=False)
+    else:
+        model.load_state_dict(loaded.weights)
     optimizer.load_state_dict(loaded.optimizer)
     set_rng_state(loaded.rng)
 

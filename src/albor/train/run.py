@@ -3,8 +3,9 @@
 `run` builds the model once (on the meta device, then materialised and initialised under the
 seed), the optimizer, the data sampler and the validation, opens the run tracker, runs the loop
 (`loop.py`), writes the final weights with the run's checkpointer and the loss plot, and returns
-the figures the stage reports. The stage supplies what differs between stages: the data, the
-objective and the checkpointer.
+the figures the stage reports. The stage supplies what differs between stages: the data (its
+sampler, validation and checkpointer: `RunData`), the objective, and, when training does not
+start from a fresh init (finetune: a base with adapters), how the model is built.
 
     setup = preflight.setup(cfg, cfg)                  # what plan resolved, resolved the same way
     data = TokenData.open(cfg.data, setup.seq_len, cfg.seed)
@@ -17,7 +18,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -32,6 +33,35 @@ from albor.train.loop import LoopResult
 from albor.train.objectives import Objective
 from albor.train.preflight import Setup
 from albor.train.settings import TrainSettings
+
+
+class Sampler(Protocol):
+    """What the loop draws batches from: a pure function of (seed, step, micro)."""
+
+    seed: int
+    seq_len: int
+
+    @property
+    def tokens(self) -> int: ...
+
+    def batch(self, step: int, micro: int, batch_size: int) -> torch.Tensor: ...
+
+
+class RunData(Protocol):
+    """A run's data: its batches, its validation, and how its checkpoints are written."""
+
+    @property
+    def sampler(self) -> Sampler: ...
+
+    def checkpointer(self) -> Checkpointer: ...
+
+    def validation(
+        self, model: GPT, settings: TrainSettings, seq_len: int, device: torch.device
+    ) -> Callable[[], dict[str, Any]] | None: ...
+
+
+ModelBuilder = Callable[[Setup, int, torch.device], GPT]
+"""Builds the model a run trains from the setup, the seed and the device (`build_model`)."""
 
 
 @dataclass
@@ -64,6 +94,11 @@ class TokenData:
     def checkpointer(self) -> Checkpointer:
         """Full-model checkpoints that each load on their own with this tokenizer."""
         return FullCheckpointer(self.eos_id, self.tokenizer_files)
+
+    def validation(
+        self, model: GPT, settings: TrainSettings, seq_len: int, device: torch.device
+    ) -> Callable[[], dict[str, Any]] | None:
+        return validation(model, self, settings, seq_len, device)
 
 
 def build_model(setup: Setup, seed: int, device: torch.device) -> GPT:
@@ -114,15 +149,17 @@ def validation(
 def run(
     settings: TrainSettings,
     setup: Setup,
-    data: TokenData,
+    data: RunData,
     ctx: ApplyContext,
     *,
     stage: str,
     config: dict[str, Any],
     objective: Objective,
+    build: ModelBuilder = build_model,
 ) -> Outcome:
     """Train to the end (or resume and finish) and write the final weights to `ctx.out`.
-    `config` is what the run tracker records of the stage's config."""
+    `config` is what the run tracker records of the stage's config; `build` makes the model
+    (default: a fresh init under the seed)."""
     threads = torch.get_num_threads()
     deterministic = torch.are_deterministic_algorithms_enabled()
     if settings.threads:
@@ -132,7 +169,7 @@ def run(
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     try:
-        return _run(settings, setup, data, ctx, stage, config, objective)
+        return _run(settings, setup, data, ctx, stage, config, objective, build)
     finally:
         # The caller's process keeps its own settings.
         torch.set_num_threads(threads)
@@ -155,11 +192,12 @@ def nondeterminism(settings: TrainSettings, setup: Setup) -> str | None:
 def _run(
     settings: TrainSettings,
     setup: Setup,
-    data: TokenData,
+    data: RunData,
     ctx: ApplyContext,
     stage: str,
     config: dict[str, Any],
     objective: Objective,
+    build: ModelBuilder,
 ) -> Outcome:
     from albor.track import metrics
     from albor.track.metrics import METRICS_FILE
@@ -176,7 +214,7 @@ def _run(
         setup = replace(setup, precision=precision, precision_reason=reason)
     else:
         device = torch.device(setup.device)
-    model = build_model(setup, settings.seed, device)
+    model = build(setup, settings.seed, device)
     optimizer = optim.build(model, settings, device, setup.mode)
     checkpointer = data.checkpointer()
     fsdp = setup.mode == "fsdp"
@@ -185,12 +223,13 @@ def _run(
         return train(
             model,
             optimizer,
-            data.sampler,
+            # The loop reads only what `Sampler` declares.
+            cast(WindowSampler, data.sampler),
             settings,
             device=device,
             run_dir=ctx.out,
             checkpointer=checkpointer,
-            evaluate=validation(model, data, settings, setup.seq_len, device),
+            evaluate=data.validation(model, settings, setup.seq_len, device),
             objective=objective,
             tracker=tracker,
             label=stage,
@@ -233,7 +272,7 @@ def _figures(
     settings: TrainSettings,
     setup: Setup,
     parameters: int,
-    data: TokenData,
+    data: RunData,
     first_loss: float | None,
 ) -> dict[str, Any]:
     """What the artifact's manifest reports of the run."""

@@ -1,0 +1,371 @@
+"""finetune: LoRA adapters (peft) on a base model, trained on docstring -> body pairs.
+
+The base is a checkpoint directory (a pretrain output, or a transformers Llama / Qwen2 model
+directory with its tokenizer.json); the model is built from its config.json, loaded with its
+weights, and given LoRA adapters on `targets` (`train/lora.py`); only the adapters train, with
+AdamW. Each pair of the pairs artifact is prompt + completion + eos in the base's tokenizer,
+with the prompt's targets masked, so the loss is the completion's (`data/pair_windows.py`);
+validation reports that loss on the val split (`val_loss`) and its bits per completion byte
+(`val_bpb`). Training is pretraining's loop (`train/run.py`): checkpoints hold the adapters,
+optimizer, RNG and data position, and a restarted run resumes exactly.
+
+The artifact: `adapter/` in peft's format (loads with `PeftModel.from_pretrained` on
+`AutoModelForCausalLM.from_pretrained(BASE)`), and the merged model at the root (config.json,
+model.safetensors in the base's dtype, the tokenizer files), as pretrain writes a checkpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field
+
+from albor.config import Int
+from albor.errors import ArtifactError, ConfigError
+from albor.model.config import ModelConfig
+from albor.model.estimate import format_count, param_count
+from albor.plan import Plan
+from albor.stage import ApplyContext, Outcome, OutputConfig, PlanContext, check_input
+from albor.train import preflight
+from albor.train.lora import LINEAR_TARGETS, LoraSpec
+from albor.train.settings import Architecture, ModelSettings, TrainSettings
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import numpy as np
+    import torch
+
+    from albor.data.pair_windows import EncodedPairs, PairSampler
+    from albor.model.gpt import GPT
+    from albor.train.checkpoint import Checkpointer
+    from albor.train.preflight import Setup
+
+log = logging.getLogger(__name__)
+
+NAME = "finetune"
+INPUTS = ("base", "data")
+
+# AdamW on the adapters in fp32: the weight, its gradient and two moments, 4 bytes each.
+ADAPTER_BYTES_PER_PARAMETER = 16
+
+
+class Config(TrainSettings, OutputConfig):
+    base: Path | None = Field(
+        None,
+        description="The base model: a checkpoint directory (a pretrain output, or a "
+        "transformers Llama / Qwen2 model directory) with its tokenizer.json.",
+    )
+    data: Path | None = Field(
+        None, description="Pairs artifact directory (train / val / test from the pairs stage)."
+    )
+    targets: list[str] = Field(
+        default_factory=lambda: list(LINEAR_TARGETS),
+        min_length=1,
+        description="Block projections that get LoRA adapters (default: every one).",
+    )
+    rank: Int = Field(8, gt=0, description="LoRA rank r.")
+    alpha: Int = Field(16, gt=0, description="LoRA alpha: the update is scaled alpha / r.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input.")
+    rslora: bool = Field(
+        False, description="Rank-stabilised LoRA: scale the update alpha / sqrt(r)."
+    )
+    seq_len: Int = Field(
+        512,
+        gt=0,
+        description="Window in tokens: a pair longer than this loses the end of its "
+        "completion (counted as truncated).",
+    )
+
+    def spec(self) -> LoraSpec:
+        return LoraSpec(tuple(self.targets), self.rank, self.alpha, self.dropout, self.rslora)
+
+
+@dataclass(frozen=True)
+class Base:
+    """The base model as the plan sees it, read from its files without loading the weights."""
+
+    directory: Path
+    config: ModelConfig
+    eos_id: int
+    dtype: str  # what its weights are stored in: the merged model is written back in it
+
+
+def read_base(directory: Path) -> Base:
+    """The base's config, eos id and dtype; ArtifactError naming what is missing."""
+    from albor.data.bpe import TOKENIZER_JSON, special_tokens
+    from albor.model.hf import CONFIG_FILE, load_config
+    from albor.model.load import DTYPES, is_checkpoint_dir
+
+    if not directory.is_dir():
+        raise ArtifactError(f"base {directory} does not exist (a checkpoint directory)")
+    if not is_checkpoint_dir(directory):
+        raise ArtifactError(
+            f"base {directory} is not a checkpoint directory (config.json and model.safetensors): "
+            "point it at a pretrain output or a transformers model directory"
+        )
+    if not (directory / TOKENIZER_JSON).is_file():
+        raise ArtifactError(
+            f"base {directory} has no {TOKENIZER_JSON}: copy the tokenizer the base was "
+            "trained with beside its weights"
+        )
+    config = load_config(directory)
+    raw = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+    eos = raw.get("eos_token_id")
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    if not isinstance(eos, int):
+        eos = special_tokens(directory).ids["eos"]
+    dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+    return Base(directory, config, eos, dtype if dtype in DTYPES else "float32")
+
+
+def read_pairs(directory: Path) -> dict[str, int]:
+    """Pairs per split of a pairs artifact (from the Parquet footers)."""
+    import pyarrow.parquet as pq
+
+    from albor.artifact import read_manifest
+    from albor.data.corpus import SPLITS
+
+    manifest = read_manifest(directory)
+    have = {o["path"] for o in manifest["outputs"]}
+    if "train.parquet" not in have:
+        raise ArtifactError(
+            f"{directory}: artifact of stage '{manifest['stage']}' holds no train.parquet "
+            "(point `data:` at the output of the pairs stage)"
+        )
+    try:
+        return {
+            s: pq.ParquetFile(directory / f"{s}.parquet").metadata.num_rows
+            for s in SPLITS
+            if f"{s}.parquet" in have
+        }
+    except OSError as e:  # pyarrow's errors on a missing or damaged file are OSErrors
+        raise ArtifactError(f"{directory}: unreadable pairs file: {e}") from e
+
+
+def model_settings(cfg: Config, base: ModelConfig) -> ModelSettings:
+    """The base's architecture as the shared preflight reads a model: every field overridden,
+    so the preset named is never what trains."""
+    return ModelSettings(architecture=Architecture(**base.model_dump()), seq_len=cfg.seq_len)
+
+
+def _run_problems(cfg: Config) -> list[str]:
+    found = []
+    if cfg.optimizer != "adamw":
+        found.append(
+            f"optimizer: {cfg.optimizer}: LoRA adapters train with AdamW here; set optimizer: adamw"
+        )
+    if cfg.parallelism() == "fsdp":
+        found.append(
+            "distributed: fsdp shards whole models; a LoRA run trains only small adapters: use "
+            "distributed: ddp"
+        )
+    return found
+
+
+def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
+    p = Plan(NAME)
+    _plan(p, cfg, ctx or PlanContext())
+    # Last, replacing the shared checks' verdict on the same key: they judge a Muon or FSDP run
+    # as a pretraining one.
+    for problem in _run_problems(cfg):
+        name = "optimizer" if problem.startswith("optimizer") else "distributed"
+        p.checks = [c for c in p.checks if c.name != name]
+        p.add(name, "fail", problem)
+    return p
+
+
+def _plan(p: Plan, cfg: Config, ctx: PlanContext) -> None:
+    from albor.train import lora
+
+    base = check_input(p, ctx, "base", cfg.base, read_base, "a checkpoint directory")
+    if base is not None:
+        p.add(
+            "base",
+            "ok",
+            f"{base.directory}: {format_count(param_count(base.config))} parameters, "
+            f"{base.dtype}, eos id {base.eos_id}",
+        )
+    pairs = check_input(p, ctx, "data", cfg.data, read_pairs, "a pairs artifact directory")
+    if pairs is not None:
+        shown = ", ".join(f"{s} {n}" for s, n in pairs.items())
+        p.require(
+            "data",
+            pairs.get("train", 0) > 0,
+            f"{cfg.data}: pairs {shown}",
+            f"{cfg.data}: the train split holds no pairs (run the pairs stage on more source)",
+        )
+        p.warn_if(
+            "validation",
+            cfg.eval_tokens > 0 and not pairs.get("val"),
+            "the val split holds no pairs: validation is skipped",
+            f"{pairs.get('val', 0)} val pairs, up to {cfg.eval_tokens:,} completion tokens",
+        )
+    if base is None:
+        return
+    spec = cfg.spec()
+    problems = lora.spec_problems(base.config, spec)
+    trainable = 0 if problems else lora.trainable_count(base.config, spec)
+    total = param_count(base.config)
+    p.require(
+        "targets",
+        not problems,
+        f"LoRA r={spec.rank}, alpha={spec.alpha:g} on {', '.join(spec.targets)}: "
+        f"{format_count(trainable)} trainable parameters ({trainable / total:.2%} of the base)",
+        "; ".join(problems),
+    )
+    if problems:
+        return
+    setup = preflight.check_run(p, cfg, model_settings(cfg, base.config))
+    for i, c in enumerate(p.checks):
+        if c.name == "architecture":  # the preset named there is not the model: the base is
+            p.checks[i] = replace(c, detail=f"base: {c.detail.split(': ', 1)[-1]}")
+    if setup is None:
+        return
+    extra = preflight.Extra(
+        "adapters",
+        memory=trainable * ADAPTER_BYTES_PER_PARAMETER,
+        flops_per_token=6.0 * trainable,
+    )
+    # The shared estimate counts gradients and AdamW states for every weight of the base: an
+    # upper bound here, where only the adapters have them.
+    preflight.check_device(p, cfg, setup, extra)
+    p.estimates["trainable_parameters"] = trainable
+    p.estimates["lora"] = lora.describe(base.config, spec)
+    if pairs is not None and pairs.get("train"):
+        rows = cfg.micro_batch * cfg.grad_accum * setup.world * cfg.max_steps
+        p.estimates["data_repeats"] = round(rows / pairs["train"], 3)
+    p.actions.append(
+        f"finetune {format_count(trainable)} LoRA parameters on {base.directory} for "
+        f"{cfg.max_steps} steps ({setup.tokens_per_step:,} window tokens per step) on "
+        f"{setup.device} in {setup.precision}"
+    )
+    p.actions.append(
+        f"write adapter/ (peft) and the merged model in {base.dtype} (HF layout) to {cfg.output}"
+    )
+
+
+@dataclass
+class PairData:
+    """A pairs artifact as a run reads it (`train.run.RunData`): training rows, the val pairs,
+    the bytes of each token, and the adapter checkpointer."""
+
+    sampler: PairSampler
+    val: EncodedPairs
+    token_bytes: np.ndarray
+    writer: Checkpointer
+
+    @classmethod
+    def open(cls, directory: Path, base: Base, spec: LoraSpec, seq_len: int, seed: int) -> PairData:
+        import numpy as np
+
+        from albor.data.bpe import TOKENIZER_FILES, plain_text, token_byte_lengths
+        from albor.data.pair_windows import PairSampler, encode_pairs, read_split
+        from albor.model.load import load_model_tokenizer
+        from albor.train.lora import AdapterCheckpointer
+
+        tokenizer = load_model_tokenizer(base.directory)
+        text = plain_text(tokenizer)
+        train = encode_pairs(text, *read_split(directory, "train"), base.eos_id, seq_len)
+        val_path = directory / "val.parquet"
+        val = (
+            encode_pairs(text, *read_split(directory, "val"), base.eos_id, seq_len)
+            if val_path.is_file()
+            else encode_pairs(text, [], [], base.eos_id, seq_len)
+        )
+        files = tuple(base.directory / f for f in TOKENIZER_FILES if (base.directory / f).is_file())
+        writer = AdapterCheckpointer(spec, base.directory, base.eos_id, base.dtype, files)
+        try:
+            token_bytes = token_byte_lengths(tokenizer)
+        except ArtifactError as e:
+            # A tokenizer that is not byte-level (sentencepiece) has no bytes per token: the
+            # loss is still measured, bits per byte is left out.
+            log.warning("%s: val_bpb is not reported (%s)", base.directory, e)
+            token_bytes = np.zeros(tokenizer.get_vocab_size(), dtype=np.int64)
+        return cls(PairSampler(train, seed), val, token_bytes, writer)
+
+    def checkpointer(self) -> Checkpointer:
+        return self.writer
+
+    def validation(
+        self, model: GPT, settings: TrainSettings, seq_len: int, device: torch.device
+    ) -> Callable[[], dict[str, Any]] | None:
+        from albor.data.pair_windows import eval_batches, score_completions
+
+        if settings.eval_tokens == 0 or not len(self.val):
+            return None
+
+        def evaluate() -> dict[str, Any]:
+            batches = eval_batches(self.val, settings.micro_batch, settings.eval_tokens)
+            s = score_completions(model, batches, self.token_bytes, device)
+            found: dict[str, Any] = {"val_loss": round(s.loss, 5), "val_tokens": s.tokens}
+            if math.isfinite(s.bits_per_byte):
+                found["val_bpb"] = round(s.bits_per_byte, 5)
+            return found
+
+        return evaluate
+
+
+def build_adapted(base: Path, spec: LoraSpec, setup: Setup, seed: int, device: torch.device) -> GPT:
+    """The base's weights in fp32 with fresh adapters drawn under `seed` (B = 0: the adapted
+    model starts as the base)."""
+    import torch
+
+    from albor.model.hf import load_pretrained
+    from albor.train.lora import inject
+
+    model, cfg = load_pretrained(base, device=device, dtype=torch.float32)
+    if cfg != setup.model:
+        raise ArtifactError(f"base {base}: config.json changed since the run was planned")
+    torch.manual_seed(seed)
+    return inject(model, spec).train()
+
+
+def apply(cfg: Config, ctx: ApplyContext) -> Outcome:
+    from albor.data.pair_windows import IGNORE
+    from albor.train import lora
+    from albor.train.objectives import NextToken
+    from albor.train.run import run
+
+    assert cfg.base is not None and cfg.data is not None
+    base = read_base(cfg.base)
+    spec = cfg.spec()
+    problems = lora.spec_problems(base.config, spec) + _run_problems(cfg)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    setup = preflight.setup(cfg, model_settings(cfg, base.config))
+    data = PairData.open(cfg.data, base, spec, setup.seq_len, cfg.seed)
+    build = functools.partial(build_adapted, base.directory, spec)
+    config = cfg.model_dump(mode="json", exclude={"output"})
+    outcome = run(
+        cfg,
+        setup,
+        data,
+        ctx,
+        stage=NAME,
+        config=config,
+        objective=NextToken(ignore_index=IGNORE),
+        build=build,
+    )
+    train = data.sampler.pairs
+    outcome.metrics.update(
+        lora=lora.describe(base.config, spec),
+        trainable_parameters=lora.trainable_count(base.config, spec),
+        pairs={
+            "train": len(train),
+            "val": len(data.val),
+            "truncated": train.truncated + data.val.truncated,
+            "dropped": train.dropped + data.val.dropped,
+        },
+    )
+    outcome.summary = f"LoRA {format_count(lora.trainable_count(base.config, spec))}: " + (
+        outcome.summary
+    )
+    return outcome
