@@ -58,6 +58,27 @@ def is_checkpoint_dir(path: Path) -> bool:
     )
 
 
+def require_checkpoint(directory: Path, role: str) -> ModelConfig:
+    """The config of checkpoint dir `directory` that a stage reads as its `role` (teacher, base):
+    a directory with config.json, safetensors weights and the tokenizer beside them; otherwise
+    an ArtifactError naming what is missing and the fix."""
+    from albor.model.hf import load_config
+
+    if not directory.is_dir():
+        raise ArtifactError(f"{role} {directory} does not exist (a checkpoint directory)")
+    if not is_checkpoint_dir(directory):
+        raise ArtifactError(
+            f"{role} {directory} is not a checkpoint directory (config.json and "
+            "model.safetensors): point it at a pretrain output or a transformers model directory"
+        )
+    if not (directory / TOKENIZER_JSON).is_file():
+        raise ArtifactError(
+            f"{role} {directory} has no {TOKENIZER_JSON}: copy the tokenizer the {role} was "
+            "trained with beside its weights"
+        )
+    return load_config(directory)
+
+
 def find_models(path: Path) -> list[ModelRef]:
     """Every model at `path`: the file itself, the checkpoint dir itself, and the checkpoint dirs
     and GGUF files directly in it or one directory down (an export artifact's layout)."""

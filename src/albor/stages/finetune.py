@@ -99,23 +99,11 @@ class Base:
 
 def read_base(directory: Path) -> Base:
     """The base's config, eos id and dtype; ArtifactError naming what is missing."""
-    from albor.data.bpe import TOKENIZER_JSON, special_tokens
-    from albor.model.hf import CONFIG_FILE, load_config
-    from albor.model.load import DTYPES, is_checkpoint_dir
+    from albor.data.bpe import special_tokens
+    from albor.model.hf import CONFIG_FILE
+    from albor.model.load import DTYPES, require_checkpoint
 
-    if not directory.is_dir():
-        raise ArtifactError(f"base {directory} does not exist (a checkpoint directory)")
-    if not is_checkpoint_dir(directory):
-        raise ArtifactError(
-            f"base {directory} is not a checkpoint directory (config.json and model.safetensors): "
-            "point it at a pretrain output or a transformers model directory"
-        )
-    if not (directory / TOKENIZER_JSON).is_file():
-        raise ArtifactError(
-            f"base {directory} has no {TOKENIZER_JSON}: copy the tokenizer the base was "
-            "trained with beside its weights"
-        )
-    config = load_config(directory)
+    config = require_checkpoint(directory, "base")
     raw = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
     eos = raw.get("eos_token_id")
     if isinstance(eos, list):

@@ -44,23 +44,10 @@ class TeacherFacts:
 
 def read_teacher(directory: Path) -> TeacherFacts:
     """The teacher's config, size and tokenizer identity; ArtifactError naming what is missing."""
-    from albor.model.hf import load_config
-    from albor.model.load import is_checkpoint_dir
+    from albor.model.load import require_checkpoint
 
-    if not directory.is_dir():
-        raise ArtifactError(f"teacher {directory} does not exist (a checkpoint directory)")
-    if not is_checkpoint_dir(directory):
-        raise ArtifactError(
-            f"teacher {directory} is not a checkpoint directory (config.json and "
-            "model.safetensors): point it at a pretrain output or a transformers model directory"
-        )
+    config = require_checkpoint(directory, "teacher")
     tokenizer = directory / TOKENIZER_JSON
-    if not tokenizer.is_file():
-        raise ArtifactError(
-            f"teacher {directory} has no {TOKENIZER_JSON}: copy the tokenizer the teacher was "
-            "trained with beside its weights"
-        )
-    config = load_config(directory)
     return TeacherFacts(
         directory=directory,
         config=config,
@@ -128,13 +115,12 @@ def tokenizer_differences(teacher: Path, student: Path) -> list[str]:
 
 
 def load_teacher(directory: Path, device: Any, precision: str) -> Any:
-    """The teacher `GPT` in eval mode with gradients off, in bf16 when the student trains in bf16
-    (it only runs forward) and fp32 otherwise."""
+    """The teacher `GPT`, in bf16 when the student trains in bf16 (it only runs forward) and fp32
+    otherwise; the `Distill` objective puts it in eval mode with gradients off."""
     import torch
 
     from albor.model.hf import load_pretrained
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model, _ = load_pretrained(directory, device=device, dtype=dtype)
-    model.requires_grad_(False)
-    return model.eval()
+    return model
