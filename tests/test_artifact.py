@@ -1,12 +1,18 @@
-"""Artifact naming and file hashing: the `.NAME.partial` rule both ways, file and tree digests."""
+"""Artifact naming and file hashing: the `.NAME.partial` rule both ways, file and tree digests,
+the digest of a model directory made elsewhere."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
+import pytest
+
 from albor.artifact import (
+    artifact_digest,
     find_artifacts,
+    model_dir_digest,
     output_dir_for,
     partial_dir,
     sha256_file,
@@ -56,3 +62,39 @@ def test_sha256_tree_names_and_contents(tmp_path: Path) -> None:
     renamed = sha256_tree(root)
     (root / "sub" / "c.txt").write_text("gamma")
     assert len({before, renamed, sha256_tree(root)}) == 3
+
+
+def _model_dir(root: Path) -> Path:
+    d = root / "teacher"
+    d.mkdir()
+    (d / "config.json").write_text('{"model_type": "llama"}')
+    (d / "model.safetensors").write_bytes(b"weights" * 100)
+    (d / "tokenizer.json").write_text("{}")
+    return d
+
+
+def test_a_model_dir_without_manifest_has_a_digest_of_its_model_files(tmp_path: Path) -> None:
+    d = _model_dir(tmp_path)
+    first = artifact_digest(d)
+    assert first == model_dir_digest(d)
+    (d / "README.md").write_text("a model card")  # not a model file
+    (d / ".git").mkdir()
+    assert artifact_digest(d) == first
+    (d / "model.safetensors").write_bytes(b"weights" * 99 + b"changed")
+    os.utime(d / "model.safetensors", ns=(1, 1))  # a fresh mtime key: no stale cached hash
+    second = artifact_digest(d)
+    assert second != first
+    (d / "tokenizer.json").write_text('{"added_tokens": []}')
+    assert artifact_digest(d) not in (first, second)
+    (d / "model-00002.safetensors").write_bytes(b"more")
+    assert artifact_digest(d) != second
+
+
+def test_a_dir_that_is_neither_artifact_nor_model_is_refused(tmp_path: Path) -> None:
+    from albor.errors import ArtifactError
+
+    (tmp_path / "x").mkdir()
+    with pytest.raises(ArtifactError, match=r"no manifest\.json"):
+        artifact_digest(tmp_path / "x")
+    with pytest.raises(ArtifactError, match="neither an albor artifact"):
+        model_dir_digest(tmp_path / "x")

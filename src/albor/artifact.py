@@ -173,10 +173,61 @@ def require_artifact(directory: Path, stage: str | tuple[str, ...]) -> dict[str,
 
 
 def artifact_digest(directory: Path) -> str:
-    """The digest of a finished artifact: recorded in its manifest, recomputed if absent."""
+    """The digest of a finished artifact: recorded in its manifest, recomputed if absent. A model
+    directory that albor did not make (a transformers checkpoint: config.json, no manifest) is
+    digested by its model files (`model_dir_digest`), so a stage can take one as an input."""
+    if not (directory / MANIFEST).exists() and (directory / "config.json").is_file():
+        return model_dir_digest(directory)
     manifest = read_manifest(directory)
     digest = manifest.get("digest")
     return str(digest) if digest else outputs_digest(manifest["outputs"])
+
+
+# The files that make a transformers model what it is (weights, config, tokenizer); README,
+# .git and caches beside them do not count.
+MODEL_FILE_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "*.model",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "*.bin",
+    "*.bin.index.json",
+)
+
+# sha256 of a big file, by (path, size, mtime): one process (plan, then apply, then the
+# provenance record) hashes a multi-GB teacher once.
+_HASHED: dict[tuple[str, int, int], str] = {}
+
+
+def _sha256_cached(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHED:
+        _HASHED[key] = sha256_file(path)
+    return _HASHED[key]
+
+
+def model_dir_digest(directory: Path) -> str:
+    """One digest of a model directory made elsewhere: sha256 over the name and sha256 of each of
+    its model files (`MODEL_FILE_PATTERNS`, top level), sorted; another weight, config or
+    tokenizer file changes it. ArtifactError if the directory has none of them."""
+    files = sorted({f for pat in MODEL_FILE_PATTERNS for f in directory.glob(pat) if f.is_file()})
+    if not files:
+        raise ArtifactError(
+            f"{directory}: neither an albor artifact ({MANIFEST}) nor a model directory "
+            "(config.json and weights): point the input at one"
+        )
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(bytes.fromhex(_sha256_cached(f)))
+    return h.hexdigest()
 
 
 def outputs_present(directory: Path, manifest: dict[str, Any]) -> bool:
