@@ -67,8 +67,11 @@ REGISTRY: dict[str, str] = {
     "tokenize": "albor.stages.tokenize",
     "pretrain": "albor.stages.pretrain",
     "distill": "albor.stages.distill",
+    "teacher_logits": "albor.stages.teacher_logits",
     "finetune": "albor.stages.finetune",
     "pairs": "albor.stages.pairs",
+    "merge": "albor.stages.merge",
+    "prune": "albor.stages.prune",
     "evaluate": "albor.stages.evaluate",
     "export": "albor.stages.export",
 }
@@ -90,10 +93,17 @@ DESCRIPTIONS: dict[str, str] = {
     "tokenize": "Encode the splits into packed token shards (.npy) with an index.",
     "pretrain": "Pretrain the decoder on token shards; writes an HF-compatible checkpoint.",
     "distill": "Train a student on token shards to match a teacher's next-token distributions.",
+    "teacher_logits": "Precompute a teacher's top-k log-probabilities on the train windows for "
+    "offline distill.",
     "finetune": "LoRA-finetune a base model on docstring -> body pairs; writes the peft adapter "
     "and the merged model.",
     "pairs": "Mine docstring -> body pairs with `ast`, split by source file, decontaminated.",
-    "evaluate": "Perplexity, HumanEval pass@k and infilling in a sandbox, custom benchmarks.",
+    "merge": "Merge checkpoints of one architecture and tokenizer: linear, SLERP, task "
+    "arithmetic, TIES, DARE (computed in fp32, cast back).",
+    "prune": "Zero weights by magnitude or Wanda (optionally 2:4), or remove blocks; exact "
+    "sparsity, val bits/byte before and after.",
+    "evaluate": "Perplexity, pairs bits/byte, HumanEval pass@k and infilling in a sandbox, "
+    "custom benchmarks.",
     "export": "Export a checkpoint as an HF dir and GGUF files; check token and top-1 parity.",
 }
 

@@ -20,9 +20,9 @@ from albor.data.pair_windows import (
     encode_pairs,
     eval_batches,
     mask_prompt,
-    score_completions,
 )
 from albor.errors import DataError
+from albor.evals.perplexity import score_masked
 from albor.model.gpt import GPT
 from albor.model.presets import preset
 from albor.train.objectives import NextToken
@@ -104,6 +104,6 @@ def test_completion_scores_count_completion_bytes(tokenizer: Tokenizer) -> None:
     lengths[EOS] = 0  # the eos stands for no bytes
     torch.manual_seed(0)
     model = GPT(preset("tiny", vocab_size=512))
-    s = score_completions(model, eval_batches(pairs, 2, 10**9), lengths)
+    s = score_masked(model, eval_batches(pairs, 2, 10**9), lengths)
     assert s.tokens == pairs.scored and s.bytes == pairs.scored - 1
     assert 0 < s.loss < 2 * np.log(512) and s.bits_per_byte > 0

@@ -17,7 +17,8 @@ from albor.data.bpe import plain_text
 from albor.errors import ArtifactError, ConfigError
 from albor.infer.engine import generate
 from albor.infer.llamacpp import LlamaCppModel, pick_token
-from albor.model.gguf import quantize_gguf, read_tensor_types, tensor_plan, write_gguf
+from albor.model.gguf import quantize_gguf, read_tensor_types, write_gguf
+from albor.model.gguf_layout import tensor_plan
 from albor.model.hf import load_config, load_pretrained
 from helpers import STDLIB, STDLIB_SAMPLE
 

@@ -17,18 +17,15 @@ from tokenizers import Tokenizer
 
 from albor.errors import ArtifactError
 from albor.model.config import ModelConfig
-from albor.model.gguf import (
-    check_tokenizer,
+from albor.model.gguf import permute_for_llama, read_metadata, read_tensor_types, write_gguf
+from albor.model.gguf_layout import (
     estimate_bytes,
     expected_shapes,
     fallbacks,
     gguf_name,
-    permute_for_llama,
-    read_metadata,
-    read_tensor_types,
     tensor_plan,
-    write_gguf,
 )
+from albor.model.gguf_vocab import check_tokenizer
 from albor.model.gpt import apply_rope, rope_cos_sin
 from albor.model.hf import load_config
 from albor.model.presets import preset

@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from albor.data.pair_windows import eval_batches, score_completions
+from albor.data.pair_windows import eval_batches
+from albor.evals.perplexity import score_masked
 from albor.model.hf import load_pretrained
 from albor.stage import load_stage, run_stage
 from albor.stages import finetune, pairs, split
@@ -146,7 +147,7 @@ def val_loss_of_the_base(base: Path, data: Path, cfg: finetune.Config) -> float:
     pd = finetune.PairData.open(data, facts, spec, cfg.seq_len, cfg.seed)
     model, _ = load_pretrained(base)
     batches = eval_batches(pd.val, cfg.micro_batch, cfg.eval_tokens)
-    return score_completions(model, batches, pd.token_bytes).loss
+    return score_masked(model, batches, pd.token_bytes).loss
 
 
 def test_apply_improves_on_the_base_and_writes_adapter_and_merged_model(
@@ -163,6 +164,10 @@ def test_apply_improves_on_the_base_and_writes_adapter_and_merged_model(
     assert {f for f in files if not f.startswith("checkpoints/")} | {"manifest.json"} == ROOT_FILES
     base_loss = round(val_loss_of_the_base(trained_model, pairs_data, cfg), 5)
     assert metrics["val_loss"] < base_loss - 0.05, (metrics["val_loss"], base_loss)
+    # The manifest says what the step bought, the base scored as the finetuned model is.
+    assert metrics["base_val_loss"] == base_loss
+    assert metrics["val_loss_change"] == round(metrics["val_loss"] - base_loss, 5) < 0
+    assert metrics["val_bpb_change"] < 0 < metrics["base_val_bpb"]
     assert metrics["trainable_parameters"] == metrics["lora"]["trainable_parameters"]
     assert metrics["pairs"]["train"] > 500 and metrics["pairs"]["val"] > 50
     assert "val_bpb" in metrics and metrics["bit_exact_resume"]

@@ -435,8 +435,12 @@ def test_max_time_counts_the_loops_wall_clock_validation_included(
     evals = [r for r in lines if "val_loss" in r]
     assert m["ended_by"] == "max_time" and len(evals) >= 3
     last = [r for r in lines if "loss" in r][-1]
-    # Counting steps alone would have run past 3 s by every validation's time.
-    assert 3.0 <= m["train_time_s"] <= last["elapsed_s"] + 1e-3 < 3.0 + 2.0, last
+    # The budgeted time is the loop's whole wall clock, validations included: had it counted
+    # the steps alone it would fall short of the elapsed time by every validation's cost (each
+    # costlier than a step, one every second step), about half of it. A ratio, not seconds, so a
+    # loaded machine does not change the verdict.
+    assert 3.0 <= m["train_time_s"] <= last["elapsed_s"] + 1e-3, last
+    assert m["train_time_s"] >= 0.9 * last["elapsed_s"], (m["train_time_s"], last)
 
 
 MUON: dict[str, Any] = dict(

@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 
 from albor.model.config import ModelConfig
 from albor.model.gpt import GPT
-from albor.train.loop import accumulate
 from albor.train.objectives import NextToken
 from albor.train.optim import build_adamw
+from albor.train.step import accumulate
 
 CPU = torch.device("cpu")
 VOCAB = 32

@@ -1,5 +1,6 @@
 """The distillation loss's mathematical contracts, property-tested (fp64 where a tolerance is
-compared), and the online `Distill` objective on tiny models."""
+compared), the online `Distill` objective on tiny models, and the offline `OfflineDistill` on
+packed batches of precomputed teacher rows."""
 
 from __future__ import annotations
 
@@ -13,7 +14,15 @@ from torch import nn
 from albor.errors import ConfigError
 from albor.model.gpt import GPT
 from albor.model.presets import preset
-from albor.train.distill import Distill, dense_kd_loss_sum, kd_loss_sum, topk_teacher
+from albor.train.distill import (
+    Distill,
+    OfflineDistill,
+    dense_kd_loss_sum,
+    kd_loss_sum,
+    pack_offline,
+    topk_teacher,
+    unpack_offline,
+)
 from albor.train.objectives import NextToken, Objective
 
 seeds = st.integers(0, 2**16)
@@ -348,3 +357,96 @@ def test_distill_settings_are_checked_when_built() -> None:
         Distill(tiny(1), top_k=0)
     with pytest.raises(ConfigError, match="alpha"):
         Distill(tiny(1), alpha=-0.1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=seeds,
+    b=st.integers(1, 4),
+    seq=st.integers(1, 12),
+    k=st.integers(1, 20),
+    special=st.sampled_from([0.0, -0.0, float("-inf"), float("nan"), -65504.0, 6e-8]),
+)
+def test_an_offline_batch_unpacks_to_exactly_what_was_packed(
+    seed: int, b: int, seq: int, k: int, special: float
+) -> None:
+    """Packing keeps every fp16 bit pattern (even -0, -inf, NaN, subnormals) and every id, in
+    one int64 tensor the loop can move and slice like plain windows."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 70_000, (b, seq + 1), generator=gen).numpy()
+    ids = torch.randint(0, 70_000, (b, seq, k), generator=gen).numpy().astype("uint32")
+    lps = (-torch.rand(b, seq, k, generator=gen, dtype=torch.float64) * 30).numpy()
+    lps = lps.astype("float16")
+    lps[0, 0, 0] = special
+    batch = pack_offline(tokens, ids, lps)
+    assert batch.shape == (b, 1 + 2 * k, seq + 1) and batch.dtype == torch.int64
+    inputs, targets, got_ids, got_lps = unpack_offline(batch)
+    assert torch.equal(inputs, torch.from_numpy(tokens[:, :-1]))
+    assert torch.equal(targets, torch.from_numpy(tokens[:, 1:]))
+    assert torch.equal(got_ids, torch.from_numpy(ids.astype("int64")))
+    assert got_lps.dtype == torch.float16
+    assert torch.equal(got_lps.view(torch.int16), torch.from_numpy(lps.view("int16")))
+    # A rank's share of the batch is its rows, as for plain windows.
+    assert torch.equal(unpack_offline(batch[b - 1 :])[2], got_ids[b - 1 :])
+
+
+def teacher_rows(teacher: nn.Module, windows: torch.Tensor, k: int, T: float) -> torch.Tensor:
+    """What the teacher_logits stage stores for `windows`, packed as the sampler packs it."""
+    with torch.no_grad():
+        ids, lp = topk_teacher(teacher(windows[:, :-1]), k, T)
+    return pack_offline(windows.numpy(), ids.numpy().astype("uint16"), lp.half().numpy())
+
+
+def test_offline_objective_is_kd_loss_on_the_unpacked_rows() -> None:
+    teacher, student = tiny(1), tiny(2)
+    windows = torch.randint(0, 512, (3, 17), generator=torch.Generator().manual_seed(5))
+    batch = teacher_rows(teacher, windows, 8, 2.0)
+    objective: Objective = OfflineDistill(temperature=2.0, alpha=0.3, chunk_rows=7)
+    assert objective.targets(batch) == 3 * 16
+    loss = objective.loss_sum(student, batch)
+    loss.backward()
+    inputs, targets, ids, lps = unpack_offline(batch)
+    with torch.no_grad():
+        z = student(inputs)
+    want, _ = kd_loss_sum(z, ids, lps.float(), targets, temperature=2.0, alpha=0.3)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.detach(), want, rtol=1e-6, atol=1e-5)
+    assert all(p.grad is not None for p in student.parameters())
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.4])
+def test_offline_with_k_the_vocabulary_is_online_distillation(alpha: float) -> None:
+    """Precomputed rows of the whole vocabulary (fp16) give the online loss on the same windows,
+    within what fp16 log-probabilities move it."""
+    teacher, student = tiny(1), tiny(2)
+    windows = torch.randint(0, 512, (2, 33), generator=torch.Generator().manual_seed(6))
+    offline = OfflineDistill(temperature=2.0, alpha=alpha)
+    online = Distill(teacher, temperature=2.0, alpha=alpha, top_k=None)
+    with torch.no_grad():
+        got = offline.loss_sum(student, teacher_rows(teacher, windows, 512, 2.0))
+        want = online.loss_sum(student, windows)
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=0.0)
+
+
+def test_offline_rows_are_aligned_with_the_next_token() -> None:
+    """With the counting oracle's rows (top-1, T = 1, alpha = 1) the offline loss is the
+    student's own next-token loss; the rows of one position later score a student that knows
+    the next token as wrong."""
+    windows = (torch.arange(17) + torch.tensor([[0], [100]])) % 512
+    rows = teacher_rows(NextOf(512), windows, 1, 1.0)
+    late = teacher_rows(NextOf(512), (windows + 1) % 512, 1, 1.0)
+    late[:, 0] = windows  # the tokens as they are, the rows one position ahead
+    objective = OfflineDistill(temperature=1.0, alpha=1.0)
+    student = tiny(4)
+    with torch.no_grad():
+        got = objective.loss_sum(student, rows)
+        torch.testing.assert_close(got, NextToken().loss_sum(student, windows))
+        assert objective.loss_sum(NextOf(512), rows) < 1e-6
+        assert objective.loss_sum(NextOf(512), late) > 30 * 16
+
+
+def test_offline_settings_are_checked_when_built() -> None:
+    with pytest.raises(ConfigError, match="temperature"):
+        OfflineDistill(temperature=0.0)
+    with pytest.raises(ValueError, match=r"\(B, 1 \+ 2k, T \+ 1\)"):
+        OfflineDistill().loss_sum(tiny(1), torch.zeros(2, 4, 9, dtype=torch.int64))

@@ -23,10 +23,11 @@ from albor.model.presets import preset
 from albor.track import metrics
 from albor.train.batches import Prefetcher
 from albor.train.checkpoint import FullCheckpointer
-from albor.train.loop import LoopResult, train
+from albor.train.loop import train
 from albor.train.objectives import NextToken
 from albor.train.optim import build, build_adamw
 from albor.train.settings import TrainSettings
+from albor.train.state import LoopResult
 
 CPU = torch.device("cpu")
 
@@ -412,13 +413,14 @@ def test_resuming_with_another_optimizer_is_refused_and_keeps_the_checkpoint(
 
 
 def test_the_progress_bar_of_a_time_budget_counts_the_budget_not_unreachable_steps() -> None:
-    from albor.train.loop import TrainState, _done
+    from albor.train.monitor import done
+    from albor.train.state import TrainState
 
-    assert _done(settings(max_steps=40), TrainState(step=7, train_s=99.0)) == 7
+    assert done(settings(max_steps=40), TrainState(step=7, train_s=99.0)) == 7
     budget = settings(max_steps=10**9, max_time="10s")
     # Time runs out first: the bar stands at the seconds spent, so its ETA is the budget's.
-    assert _done(budget, TrainState(step=500, train_s=4.0)) == pytest.approx(4.0)
+    assert done(budget, TrainState(step=500, train_s=4.0)) == pytest.approx(4.0)
     # Steps run out first: the bar moves with the larger of the two progresses.
     few = settings(max_steps=100, max_time="10s")
-    assert _done(few, TrainState(step=50, train_s=2.0)) == pytest.approx(5.0)
-    assert _done(few, TrainState(step=100, train_s=12.0)) == pytest.approx(10.0)  # never past
+    assert done(few, TrainState(step=50, train_s=2.0)) == pytest.approx(5.0)
+    assert done(few, TrainState(step=100, train_s=12.0)) == pytest.approx(10.0)  # never past

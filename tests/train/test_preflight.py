@@ -10,11 +10,14 @@ import pytest
 import torch
 
 from albor.errors import ConfigError
-from albor.model.estimate import format_bytes
+from albor.model.estimate import format_bytes, format_count, memory_budget
+from albor.model.gpt import GPT
+from albor.model.presets import preset
 from albor.plan import Plan
 from albor.stages import pretrain
-from albor.train import hardware, preflight
-from albor.train.settings import model_config
+from albor.train import estimates, hardware, lora, preflight
+from albor.train.lora import LoraSpec
+from albor.train.settings import TrainSettings, model_config
 from helpers import pretrain_config
 
 RUN_350M: dict[str, Any] = dict(
@@ -183,7 +186,7 @@ def test_max_time_sizes_the_steps_and_is_refused_when_no_step_fits(
     assert "raise max_time" in checks["time budget"]
     # Refusals are judged at the device's peak, where a step takes the assumed MFU's share of
     # the estimate: two such steps are longer than one step, shorter than the warmup's three.
-    checks, _ = planned(max_time=step_s * preflight.ASSUMED_MFU * 2, warmup_steps=3)
+    checks, _ = planned(max_time=step_s * estimates.ASSUMED_MFU * 2, warmup_steps=3)
     assert checks["time budget"].startswith("fail: max_time")
     assert "ends within the warmup (3 steps take at least" in checks["time budget"]
     assert "lower warmup_steps" in checks["time budget"]
@@ -204,3 +207,73 @@ def test_muon_is_checked_at_plan_time(
     )
     monkeypatch.delattr(torch.optim, "Muon")
     assert planned()["optimizer"].endswith("upgrade torch to >= 2.9 or use optimizer: adamw")
+
+
+# ----- memory as the configured optimizer holds it -----------------------------------------------
+
+
+def memory_of(cfg: TrainSettings, s: preflight.Setup, adapters: int = 0) -> dict[str, int]:
+    return estimates.memory(cfg, s, estimates.trained(cfg, s, adapters), None)
+
+
+def test_muon_keeps_one_state_where_adamw_keeps_two() -> None:
+    adamw_cfg = pretrain.Config(model="tiny", device="cpu")
+    muon_cfg = pretrain.Config(model="tiny", device="cpu", optimizer="muon")
+    s = preflight.setup(adamw_cfg, adamw_cfg)
+    with torch.device("meta"):
+        model = GPT(s.model)
+    matrices = sum(
+        p.numel()
+        for name, p in model.named_parameters()
+        if name.startswith("model.layers.") and p.dim() == 2
+    )
+    adamw, muon = memory_of(adamw_cfg, s), memory_of(muon_cfg, s)
+    # AdamW on every weight is the model estimate's own figure.
+    assert adamw == memory_budget(s.model, adamw_cfg.micro_batch, s.seq_len)
+    assert 0 < matrices < s.parameters
+    assert adamw["total"] - muon["total"] == matrices * 4  # one fp32 moment fewer each
+    assert {k: adamw[k] - muon[k] for k in adamw if k not in ("optimizer", "total")} == {
+        "weights": 0,
+        "gradients": 0,
+        "activations": 0,
+    }
+
+
+def test_a_lora_run_holds_gradients_and_states_for_its_adapters_alone() -> None:
+    base = preset("tiny")
+    adapters = lora.trainable_count(base, LoraSpec())
+    cfg = TrainSettings(device="cpu", max_steps=100, warmup_steps=10)
+    s = preflight.setup(cfg, base, seq_len=64)
+    full, adapted = memory_of(cfg, s), memory_of(cfg, s, adapters)
+    frozen = s.parameters
+    # The frozen weights lose a gradient and two moments (12 bytes); each adapter brings its
+    # weight, gradient and two moments (16).
+    assert adapted["total"] == full["total"] - 12 * frozen + 16 * adapters
+    assert adapted["weights"] == 4 * frozen and adapted["adapters"] == 4 * adapters
+    assert adapted["gradients"] == 4 * adapters and adapted["optimizer"] == 8 * adapters
+    p = Plan("finetune")
+    preflight.check_device(p, cfg, s, adapters=adapters)
+    assert p.estimates["memory_assumes"].startswith("LoRA: a gradient and AdamW's two fp32")
+    assert f"the {format_count(frozen)} frozen base" in p.estimates["memory_assumes"]
+    # A checkpoint holds the adapters and their states, not the base.
+    assert p.estimates["checkpoints"]["size_each"] == format_bytes(adapters * 4 * 3)
+
+
+def test_the_memory_figure_names_the_optimizer_it_assumed() -> None:
+    _, adamw = plan()
+    _, muon = plan(optimizer="muon")
+    assert adamw["memory_assumes"].startswith("AdamW: a gradient and two fp32 moments for")
+    assert muon["memory_assumes"].startswith("Muon: one fp32 momentum buffer for the ")
+    assert muon["memory"]["total"] != adamw["memory"]["total"]
+
+
+def test_a_model_config_is_planned_as_given() -> None:
+    """A finetune's base: its own architecture and a window, no preset behind it."""
+    base = preset("tiny").model_copy(update={"num_layers": 3})
+    cfg = TrainSettings(device="cpu", max_steps=100, warmup_steps=10)
+    p = Plan("finetune")
+    s = preflight.check_run(p, cfg, base, seq_len=32, name="base")
+    assert s is not None and s.model == base and s.seq_len == 32
+    assert checks_of(p)["architecture"].startswith("ok: base: 3 layers, width ")
+    settings = pretrain.Config(model="tiny", architecture={"num_layers": 3}, seq_len=32)
+    assert s == preflight.setup(cfg, settings)  # the same run as a preset with overrides

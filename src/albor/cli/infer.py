@@ -120,7 +120,8 @@ def complete_cmd(
     threads: int | None,
     as_json: bool,
 ) -> None:
-    """Complete PREFIX with MODEL, or with --suffix fill in the middle (ends at <|endoftext|>)."""
+    """Complete PREFIX with MODEL, or with --suffix fill in the middle (ends at the end-of-text
+    token of the model's tokenizer)."""
     from albor.infer.completion import make_prompt, prompt_tokens, stream_completions
     from albor.infer.engine import Sampling
     from albor.infer.loader import load

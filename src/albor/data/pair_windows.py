@@ -14,7 +14,6 @@ exactly the batches of an uninterrupted one. Validation reads the split's pairs 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +21,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from albor.errors import DataError
 
@@ -136,55 +133,12 @@ def eval_batches(pairs: EncodedPairs, batch_size: int, max_tokens: int) -> Itera
         start = end
 
 
-@dataclass(frozen=True)
-class CompletionScores:
-    loss: float  # mean nats per scored target
-    bits_per_byte: float  # over the completion bytes (eos stands for none)
-    tokens: int
-    bytes: int
-
-
-@torch.inference_mode()
-def score_completions(
-    model: nn.Module,
-    batches: Iterator[torch.Tensor],
-    token_bytes: np.ndarray,
-    device: torch.device | str = "cpu",
-) -> CompletionScores:
-    """Completion-only loss and bits per byte of `(B, 2, T)` batches, in fp32."""
-    lengths = torch.from_numpy(np.asarray(token_bytes, dtype=np.int64))
-    nll_sum, nll_bytes, tokens, nbytes = 0.0, 0.0, 0, 0
-    was_training = model.training
-    model.eval()
-    try:
-        for b in batches:
-            inputs, targets = b[:, 0].to(device), b[:, 1]
-            logits = model(inputs).float().cpu()
-            nll = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]),
-                targets.reshape(-1),
-                ignore_index=IGNORE,
-                reduction="none",
-            ).double()
-            scored = targets.reshape(-1) != IGNORE
-            size = torch.where(scored, lengths[targets.reshape(-1).clamp(min=0)], 0)
-            nll_sum += float(nll[scored].sum())
-            nll_bytes += float(nll[size > 0].sum())
-            tokens += int(scored.sum())
-            nbytes += int(size.sum())
-    finally:
-        model.train(was_training)
-    loss = nll_sum / tokens if tokens else float("nan")
-    bpb = nll_bytes / math.log(2) / nbytes if nbytes else float("nan")
-    return CompletionScores(loss, bpb, tokens, nbytes)
-
-
 def read_split(directory: Path, split: str) -> tuple[list[str], list[str]]:
     """The prompts and completions of one split of a pairs artifact."""
     import pyarrow.parquet as pq
 
     path = directory / f"{split}.parquet"
     if not path.is_file():
-        raise DataError(f"{path} not found: point `data:` at a pairs stage output")
+        raise DataError(f"{path} not found: not a pairs artifact (run the pairs stage)")
     table = pq.read_table(path, columns=["prompt", "completion"])
     return table.column("prompt").to_pylist(), table.column("completion").to_pylist()

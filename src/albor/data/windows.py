@@ -50,6 +50,45 @@ class WindowSampler:
         return torch.from_numpy(out)
 
 
+def aligned_window_count(tokens: int, seq_len: int) -> int:
+    """How many aligned windows of `seq_len + 1` tokens (stride `seq_len`) a shard of `tokens`
+    tokens holds: the windows `eval_windows` reads from it."""
+    return max(tokens - 1, 0) // seq_len
+
+
+def aligned_window(shard: np.ndarray, window: int, seq_len: int) -> np.ndarray:
+    """Aligned window number `window` of `shard`: `seq_len + 1` tokens from `window * seq_len`."""
+    start = window * seq_len
+    return np.asarray(shard[start : start + seq_len + 1], dtype=np.int64)
+
+
+class AlignedWindowSampler:
+    """Random aligned windows as (shard, window) numbers, a deterministic function of (seed,
+    step, micro): every window of every shard equally likely, as `WindowSampler` makes every
+    start equally likely."""
+
+    def __init__(self, counts: list[int], seed: int) -> None:
+        if sum(counts) < 1:
+            raise DataError(
+                "no shard holds an aligned window (every shard is shorter than seq_len + 1 "
+                "tokens): lower seq_len or add data"
+            )
+        self.counts = list(counts)
+        self.seed = seed
+        self.cum = np.cumsum(np.asarray(counts, dtype=np.int64))
+
+    @property
+    def windows(self) -> int:
+        return int(self.cum[-1])
+
+    def draw(self, step: int, micro: int, batch_size: int) -> list[tuple[int, int]]:
+        rng = np.random.default_rng([self.seed, step, micro])
+        flat = rng.integers(0, self.windows, size=batch_size)
+        shards = np.searchsorted(self.cum, flat, side="right")
+        starts = np.concatenate(([0], self.cum[:-1]))
+        return [(int(s), int(f - starts[s])) for s, f in zip(shards, flat, strict=True)]
+
+
 def eval_windows(
     shards: list[np.ndarray], seq_len: int, max_tokens: int, batch_size: int
 ) -> Iterator[torch.Tensor]:
@@ -74,5 +113,5 @@ def eval_windows(
 
 def eval_token_count(shards: list[np.ndarray], seq_len: int, max_tokens: int) -> int:
     """How many targets `eval_windows` will score."""
-    total = sum(((len(s) - 1) // seq_len) * seq_len for s in shards if len(s) > seq_len)
+    total = sum(aligned_window_count(len(s), seq_len) * seq_len for s in shards)
     return min(total, -(-max_tokens // seq_len) * seq_len) if total else 0

@@ -186,11 +186,18 @@ class Generator:
 
     def __init__(self, model_dir: Path, device: str = "cpu") -> None:
         from albor.data.bpe import load_tokenizer, plain_text
+        from albor.infer.engine import TorchBackend
         from albor.model.load import load_model
+        from albor.model.special_tokens import model_special_tokens
 
         self.model, self.config = load_model(model_dir, device=device)
         self.tokenizer = load_tokenizer(model_dir)
         self.plain = plain_text(self.tokenizer)
+        # The tokenizer's own eos and FIM ids (an adopted tokenizer's are not albor's 0..4).
+        self.specials = model_special_tokens(self.tokenizer, model_dir)
+        self.backend = TorchBackend(
+            self.model, self.tokenizer, name=model_dir.name, specials=self.specials
+        )
         self.truncated = 0
 
     @property
@@ -227,6 +234,7 @@ class Generator:
                 top_p=s.top_p,
                 seed=sample_seed(s.seed, task_id, i) if s.temperature > 0 else None,
                 stop_strings=stop,
+                specials=self.specials,
             )
             for i in range(s.n)
         ]
@@ -235,14 +243,12 @@ class Generator:
         self, task_id: str, prefix: str, suffix: str, mode: Literal["psm", "spm"], s: SamplingConfig
     ) -> list[str]:
         """`s.n` middles for a FIM prompt, each generated until EOS (or any other sentinel)."""
-        from albor.data.bpe import EOS_ID, SPECIAL_TOKENS
-        from albor.data.fim import prompt_ids
+        from albor.infer.completion import make_prompt
         from albor.infer.engine import generate
 
         prefix, suffix = self._fit_fim(prefix, suffix, s)
-        ids = [EOS_ID, *prompt_ids(self.plain, prefix, suffix, mode)]
-        # albor's tokenizers hold the special tokens at ids 0..4 (checked when loaded).
-        stops = list(range(len(SPECIAL_TOKENS)))
+        ids = make_prompt(self.backend, prefix, suffix, fim_mode=mode).ids
+        stops = self.backend.stop_ids
         out = []
         for i in range(s.n):
             new = list(
@@ -322,9 +328,8 @@ class Generator:
         """Greedy completions of `items`, `s.batch_size` of them to one engine batch, in order;
         `prompt(backend, item)` builds an item's prompt."""
         from albor.infer.completion import completions
-        from albor.infer.engine import TorchBackend
 
-        backend = TorchBackend(self.model, self.tokenizer)
+        backend = self.backend
         for start in range(0, len(items), s.batch_size):
             prompts = [prompt(backend, item) for item in items[start : start + s.batch_size]]
             for c in completions(backend, prompts, max_new_tokens=s.max_new_tokens, stop=stop):

@@ -7,11 +7,13 @@ Tasks are built from the 164 canonical solutions:
 - multi-line: each contiguous block of two or more body lines that starts and ends on a non-blank
   line is the middle.
 
-The model sees a FIM prompt in the training layout (`albor.data.fim.prompt_ids`, PSM or SPM) after
-the document-start EOS and generates the middle until EOS. Each sample is scored two ways:
-by running the problem's tests on prefix + middle + suffix in the sandbox (pass rate), and by exact
-match of the stripped middle with the stripped truth. `limit` keeps that many tasks per kind,
-spread evenly over the whole list so that every part of the benchmark is represented.
+The model sees a FIM prompt in the training layout (`albor.data.fim`, PSM or SPM) after the
+document-start EOS and generates the middle until EOS, both with its tokenizer's own ids (an
+adopted tokenizer's sentinels, such as StarCoder's `<fim_prefix>`, are not albor's). Each sample
+is scored two ways: by running the problem's tests on prefix + middle + suffix in the sandbox
+(pass rate), and by exact match of the stripped middle with the stripped truth. `limit` keeps
+that many tasks per kind, spread evenly over the whole list so that every part of the benchmark
+is represented.
 """
 
 from __future__ import annotations

@@ -3,18 +3,24 @@
 Bits per byte is the tokenizer-independent measure: the summed negative log-likelihood (in bits)
 of the targets divided by the UTF-8 bytes they stand for. Special tokens stand for no bytes; as in
 nanochat, they are left out of both sums so that a model cannot gain by predicting separators.
+
+`score_model` scores token windows (every target counts); `score_masked` scores inputs and
+targets where some targets are `IGNORE` (a pair's prompt, padding): those count in no sum, so the
+loss is the mean over the scored targets and bits per byte is over the bytes they stand for.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from albor.data.pair_windows import IGNORE
 
 
 @dataclass
@@ -38,8 +44,10 @@ class _Accumulator:
         self.bytes = 0
 
     def add(self, nll: torch.Tensor, targets: torch.Tensor) -> None:
-        nll = nll.double().cpu().reshape(-1)
         targets = targets.cpu().reshape(-1)
+        scored = targets != IGNORE
+        nll = nll.double().cpu().reshape(-1)[scored]
+        targets = targets[scored]
         b = self.token_bytes[targets]
         self.nll += float(nll.sum())
         self.nll_bytes += float(nll[b > 0].sum())
@@ -53,24 +61,50 @@ class _Accumulator:
 
 
 @torch.inference_mode()
-def score_model(
-    model: nn.Module, windows: Iterable[torch.Tensor], token_bytes: np.ndarray, device: str = "cpu"
+def _score(
+    model: nn.Module,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    token_bytes: np.ndarray,
+    device: torch.device | str,
 ) -> Scores:
-    """Score `(B, T + 1)` windows: predict tokens 1..T from 0..T-1."""
     acc = _Accumulator(token_bytes)
     was_training = model.training
     model.eval()
     try:
-        for w in windows:
-            w = w.to(device)
-            logits = model(w[:, :-1])
+        for inputs, targets in batches:
+            targets = targets.to(device)
+            logits = model(inputs.to(device))
             nll = F.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1), reduction="none"
+                logits.float().reshape(-1, logits.shape[-1]),
+                targets.reshape(-1),
+                ignore_index=IGNORE,
+                reduction="none",
             )
-            acc.add(nll, w[:, 1:])
+            acc.add(nll, targets)
     finally:
         model.train(was_training)
     return acc.scores()
+
+
+def score_model(
+    model: nn.Module,
+    windows: Iterable[torch.Tensor],
+    token_bytes: np.ndarray,
+    device: torch.device | str = "cpu",
+) -> Scores:
+    """Score `(B, T + 1)` windows: predict tokens 1..T from 0..T-1."""
+    return _score(model, ((w[:, :-1], w[:, 1:]) for w in windows), token_bytes, device)
+
+
+def score_masked(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    token_bytes: np.ndarray,
+    device: torch.device | str = "cpu",
+) -> Scores:
+    """Score `(B, 2, T)` batches of inputs and targets (`pair_windows.EncodedPairs.rows`):
+    targets `IGNORE` count in neither the loss nor bits per byte."""
+    return _score(model, ((b[:, 0], b[:, 1]) for b in batches), token_bytes, device)
 
 
 def unigram_logprobs(counts: np.ndarray) -> torch.Tensor:

@@ -11,7 +11,7 @@ an export artifact dir holding several models is measured whole), on a prompt of
 Each variant runs in a fresh process (multiprocessing "spawn"), so its peak RSS is its own and
 not the high-water mark of the variants before it; `isolate=False` runs in this process (tests).
 Each repeat uses a different slice of the text, so llama.cpp's prefix cache cannot skip the
-prefill. Generation ignores `<|endoftext|>`, so every repeat decodes exactly `new_tokens`.
+prefill. Generation ignores the end-of-text token, so every repeat decodes exactly `new_tokens`.
 """
 
 from __future__ import annotations

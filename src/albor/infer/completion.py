@@ -1,8 +1,9 @@
 """The text layer every backend shares: prompts in, completion text out.
 
-`make_prompt` starts a prompt as a document starts in training (after `<|endoftext|>`), heals its
-last token, or builds a FIM prompt; `TextStream` turns new ids into text incrementally, never
-splitting a multi-byte character and holding back what could be the start of a stop string;
+`make_prompt` starts a prompt as a document starts in training (after the end-of-text token),
+heals its last token, or builds a FIM prompt with the model's own sentinel ids; `TextStream` turns
+new ids into text incrementally, never splitting a multi-byte character and holding back what
+could be the start of a stop string;
 `stream_completions`, `completions` and `complete` put it together over any `Backend`
 (`infer/engine.py`), so `albor complete`, `albor serve` and the evals cut text the same way.
 """
@@ -15,6 +16,7 @@ from typing import Literal
 
 from tokenizers import Tokenizer
 
+from albor.data.bpe import SpecialTokens
 from albor.data.fim import Mode
 from albor.errors import ConfigError
 from albor.infer.engine import GREEDY, Backend, Sampling, TorchBackend, token_texts
@@ -68,10 +70,11 @@ def make_prompt(
 ) -> Prompt:
     """The prompt completing `prefix` (or, with `suffix`, filling in between the two).
 
-    The prompt starts with `<|endoftext|>`, as every document did in training. With `heal`, the
-    last token of a plain prompt is re-generated under the constraint that it begins with the
-    same text, so a prefix cut in the middle of a token (such as "def ") reads as the model saw
-    text in training. FIM prompts use the training layout (`data/fim.py`), PSM or SPM.
+    The prompt starts with the end-of-text token (`Backend.eos_id`), as every document did in
+    training. With `heal`, the last token of a plain prompt is re-generated under the constraint
+    that it begins with the same text, so a prefix cut in the middle of a token (such as "def ")
+    reads as the model saw text in training. FIM prompts use the training layout (`data/fim.py`),
+    PSM or SPM, with the backend's sentinel ids.
     """
     eos = backend.eos_id
     start = [] if eos is None else [eos]
@@ -83,7 +86,10 @@ def make_prompt(
         if text and "\ufffd" not in text and candidates:
             return Prompt([*start, *ids[:-1]], candidates, text)
     if not start and not ids:
-        raise ConfigError("an empty prefix needs a tokenizer with <|endoftext|> to start from")
+        raise ConfigError(
+            f"{backend.name}: an empty prefix needs an end-of-text token to start from, and this "
+            "model's tokenizer names none: give a prefix"
+        )
     return Prompt([*start, *ids])
 
 
@@ -190,7 +196,7 @@ def stream_completions(
 ) -> Generator[Delta, None, None]:
     """Complete every prompt (batched where the backend can); yields text as it is generated.
 
-    Each row ends at `<|endoftext|>` (or another special token, see `Backend.stop_ids`) or a
+    Each row ends at the end-of-text token (or a FIM sentinel, see `Backend.stop_ids`) or a
     stop string (finish_reason "stop", the stop string
     left out) or after `max_new_tokens` or at the full context ("length"). A healed prompt
     generates one token more, the one that re-generates its cut last token.
@@ -284,13 +290,16 @@ def complete(
     *,
     suffix: str | None = None,
     fim_mode: Mode = "psm",
+    specials: SpecialTokens | None = None,
 ) -> str:
-    """The text continuing `prefix` (with `suffix`: the middle between them), ending at
-    `<|endoftext|>` (when the tokenizer has it) or before the first stop string.
+    """The text continuing `prefix` (with `suffix`: the middle between them), ending at the
+    end-of-text token (when the tokenizer has one) or before the first stop string.
 
-    See `make_prompt` for how the prompt is built (document start, token healing, FIM).
+    `specials`: the tokenizer's roles (`model_special_tokens`; by default recognised in the
+    tokenizer). See `make_prompt` for how the prompt is built (document start, token healing,
+    FIM).
     """
-    backend = TorchBackend(model, tokenizer)
+    backend = TorchBackend(model, tokenizer, specials=specials)
     prompt = make_prompt(backend, prefix, suffix, fim_mode=fim_mode, heal=heal)
     sampling = Sampling(temperature, top_k, top_p, seed)
     (result,) = completions(

@@ -16,15 +16,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Protocol
 
 import torch
 from tokenizers import Tokenizer
 
-from albor.data.bpe import EOS, SPECIAL_TOKENS, plain_text
-from albor.data.fim import ORDER, SENTINEL_IDS, SENTINELS, Mode, prompt_ids
+from albor.data.bpe import SpecialTokens, plain_text
+from albor.data.fim import Mode, Pieces, arrange
 from albor.errors import ArtifactError, ConfigError
 from albor.model.gpt import GPT
+from albor.model.special_tokens import model_special_tokens
 
 
 def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -302,12 +303,13 @@ class Backend(Protocol):
 
     @property
     def eos_id(self) -> int | None:
-        """The `<|endoftext|>` id: documents start after it and generation ends at it."""
+        """The end-of-text id (the tokenizer's eos role): documents start after it and generation
+        ends at it."""
         ...
 
     @property
     def stop_ids(self) -> Sequence[int]:
-        """Tokens that end a completion: `<|endoftext|>` and the FIM sentinels, whose spelling
+        """Tokens that end a completion: the end-of-text id and the FIM sentinels, whose spelling
         never belongs in generated code."""
         ...
 
@@ -320,7 +322,8 @@ class Backend(Protocol):
         ...
 
     def fim_prompt(self, prefix: str, suffix: str, mode: Mode) -> list[int]:
-        """The infilling prompt up to and including `<|fim_middle|>` (the middle comes next)."""
+        """The infilling prompt up to and including the fim_middle sentinel (the middle comes
+        next)."""
         ...
 
     def token_texts(self) -> Sequence[str]:
@@ -341,25 +344,35 @@ class Backend(Protocol):
         ...
 
 
-def tokenizer_fim_prompt(
-    tokenizer: Tokenizer, plain: Tokenizer, prefix: str, suffix: str, mode: Mode
+def fim_prompt_ids(
+    encode: Callable[[str], list[int]],
+    specials: SpecialTokens,
+    prefix: str,
+    suffix: str,
+    mode: Mode,
+    where: str = "this model",
 ) -> list[int]:
-    """A FIM prompt in albor's layout with `tokenizer`'s own sentinel ids (`plain` encodes the
-    pieces with sentinel spellings as text); an albor tokenizer gives `fim.prompt_ids` exactly."""
-    ids = {slot: tokenizer.token_to_id(SENTINELS[slot]) for slot in SENTINELS}
-    missing = [SENTINELS[s] for s, i in ids.items() if i is None]
+    """A FIM prompt in albor's training layout (`fim.arrange`) up to and including the middle
+    sentinel, with the sentinel ids of `specials` (the model's own) between the pieces.
+
+    `encode` must treat a sentinel's spelling in a piece as text (`bpe.plain_text`, llama.cpp's
+    tokenize without special), so only the sentinels it places are sentinels. With albor's
+    tokenizer this is `fim.prompt_ids`.
+    """
+    missing = [r for r in ("fim_prefix", "fim_middle", "fim_suffix") if r not in specials.ids]
     if missing:
         raise ConfigError(
-            f"this model's tokenizer has no {', '.join(missing)}: it cannot fill in the middle "
-            "(leave out --suffix, or use a model trained with albor's FIM tokens)"
+            f"{where} has no {', '.join(missing)} token: it cannot fill in the middle (leave out "
+            "--suffix, or use a model whose tokenizer has FIM tokens)"
         )
-    if ids == SENTINEL_IDS:
-        return prompt_ids(plain, prefix, suffix, mode)
+    sentinels = specials.fim_ids
     out: list[int] = []
-    for slot in ORDER[mode][:2]:
-        out.append(cast(int, ids[slot]))
-        out.extend(plain.encode(prefix if slot == "prefix" else suffix).ids)
-    return [*out, cast(int, ids["middle"])]
+    for slot, piece in arrange(Pieces(prefix, "", suffix), mode):
+        out.append(sentinels[slot])
+        if slot == "middle":
+            break
+        out.extend(encode(piece))
+    return out
 
 
 def token_texts(tokenizer: Tokenizer) -> list[str]:
@@ -372,11 +385,22 @@ def token_texts(tokenizer: Tokenizer) -> list[str]:
 
 
 class TorchBackend:
-    """An albor decoder (albor checkpoint or HF model dir) with its HF `tokenizers` tokenizer."""
+    """An albor decoder (albor checkpoint or HF model dir) with its HF `tokenizers` tokenizer.
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, name: str = "albor") -> None:
+    `specials` are the tokenizer's roles (`model_special_tokens` of the model's directory; by
+    default those recognised in the tokenizer alone, which misses an eos that only its
+    directory's tokenizer_config.json names)."""
+
+    def __init__(
+        self,
+        model: GPT,
+        tokenizer: Tokenizer,
+        name: str = "albor",
+        specials: SpecialTokens | None = None,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.specials = specials if specials is not None else model_special_tokens(tokenizer)
         self._plain = plain_text(tokenizer)
         self._name = name
         self._texts: list[str] | None = None
@@ -396,12 +420,11 @@ class TorchBackend:
 
     @property
     def eos_id(self) -> int | None:
-        return self.tokenizer.token_to_id(EOS)
+        return self.specials.ids.get("eos")
 
     @property
     def stop_ids(self) -> Sequence[int]:
-        found = (self.tokenizer.token_to_id(t) for t in SPECIAL_TOKENS)
-        return [i for i in found if i is not None]
+        return sorted(set(self.specials.ids.values()))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -414,7 +437,10 @@ class TorchBackend:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=False))
 
     def fim_prompt(self, prefix: str, suffix: str, mode: Mode) -> list[int]:
-        return tokenizer_fim_prompt(self.tokenizer, self._plain, prefix, suffix, mode)
+        return fim_prompt_ids(self._encode_plain, self.specials, prefix, suffix, mode, self._name)
+
+    def _encode_plain(self, text: str) -> list[int]:
+        return list(self._plain.encode(text, add_special_tokens=False).ids)
 
     def token_texts(self) -> Sequence[str]:
         if self._texts is None:

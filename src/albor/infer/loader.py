@@ -18,11 +18,19 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from albor.data.bpe import EOS, SPECIAL_TOKENS
-from albor.data.fim import ORDER, SENTINELS, Mode
+from albor.data.fim import Mode
 from albor.errors import ConfigError
-from albor.infer.engine import GREEDY, Backend, Sampling, TorchBackend, next_token, restrict
+from albor.infer.engine import (
+    GREEDY,
+    Backend,
+    Sampling,
+    TorchBackend,
+    fim_prompt_ids,
+    next_token,
+    restrict,
+)
 from albor.model.load import ModelRef, load_model, load_model_tokenizer, open_gguf, resolve
+from albor.model.special_tokens import gguf_special_tokens, model_special_tokens
 
 
 def load(
@@ -60,21 +68,24 @@ def load_ref(
 def load_torch(
     directory: Path, *, device: str = "cpu", dtype: str = "float32", n_threads: int | None = None
 ) -> TorchBackend:
-    """An albor or transformers checkpoint dir with its `tokenizer.json`."""
+    """An albor or transformers checkpoint dir with its tokenizer files (`tokenizer.json`, and
+    the tokenizer_config.json that names its special tokens' roles)."""
     import torch
 
     if n_threads is not None:
         torch.set_num_threads(n_threads)
     tokenizer = load_model_tokenizer(directory)
+    specials = model_special_tokens(tokenizer, directory)
     model, _ = load_model(directory, device=device, dtype=dtype, device_key="--device")
-    return TorchBackend(model, tokenizer, name=directory.name)
+    return TorchBackend(model, tokenizer, name=directory.name, specials=specials)
 
 
 class GGUFBackend:
     """A GGUF file run by llama.cpp, behind the same interface as the torch engine.
 
     llama.cpp generates one sequence at a time here, so a batch of prompts runs row after row,
-    row r sampled with seed + r.
+    row r sampled with seed + r. The eos and FIM ids are the ones the file's metadata names
+    (`specials`), whatever their spelling.
     Token healing's restricted first token is drawn from `next_logits` with albor's sampler; the
     rest comes from llama.cpp's own sampling.
     """
@@ -83,7 +94,9 @@ class GGUFBackend:
         self.model = model
         self._name = name
         self._texts: list[str] | None = None
-        self._sentinels = {slot: model.token_id(tok) for slot, tok in SENTINELS.items()}
+        self.specials = gguf_special_tokens(
+            model.metadata, lambda i: model.detokenize([i]), where=name
+        )
 
     @classmethod
     def open(
@@ -101,13 +114,11 @@ class GGUFBackend:
 
     @property
     def eos_id(self) -> int | None:
-        eos: int | None = self.model.token_id(EOS)
-        return eos
+        return self.specials.ids.get("eos")
 
     @property
     def stop_ids(self) -> Sequence[int]:
-        found = (self.model.token_id(t) for t in SPECIAL_TOKENS)
-        return [i for i in found if i is not None]
+        return sorted(set(self.specials.ids.values()))
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.model.tokenize(text, special=True))
@@ -116,21 +127,18 @@ class GGUFBackend:
         return str(self.model.detokenize(list(ids)))
 
     def fim_prompt(self, prefix: str, suffix: str, mode: Mode) -> list[int]:
-        missing = [SENTINELS[s] for s, i in self._sentinels.items() if i is None]
-        if missing:
-            raise ConfigError(
-                f"{self.name} has no {', '.join(missing)} token: it cannot fill in the middle "
-                "(leave out --suffix)"
-            )
-        ids: list[int] = []
-        for slot in ORDER[mode][:2]:
-            ids.append(int(self._sentinels[slot]))
-            ids += self.model.tokenize(prefix if slot == "prefix" else suffix, special=False)
-        return [*ids, int(self._sentinels["middle"])]
+        return fim_prompt_ids(
+            lambda text: self.model.tokenize(text, special=False),
+            self.specials,
+            prefix,
+            suffix,
+            mode,
+            self.name,
+        )
 
     def token_texts(self) -> Sequence[str]:
         if self._texts is None:
-            specials = {self.model.token_id(t) for t in SPECIAL_TOKENS} - {None}
+            specials = set(self.specials.ids.values())
             self._texts = [
                 "" if i in specials else self.detokenize([i]) for i in range(self.model.n_vocab)
             ]

@@ -32,21 +32,13 @@ from pydantic import Field, field_validator
 from albor.config import Int
 from albor.errors import ArtifactError, StageFailed
 from albor.evals.parity import REQUIRED_TOP1, STDLIB_SAMPLE
-from albor.model.gguf import (
-    LLAMACPP_TYPES,
-    check_tokenizer,
-    estimate_bytes,
-    fallbacks,
-    gguf_vocab,
-    read_tokenizer_json,
-    tensor_plan,
-)
+from albor.model.gguf_layout import LLAMACPP_TYPES, estimate_bytes, fallbacks, tensor_plan
+from albor.model.gguf_vocab import check_tokenizer, gguf_vocab, read_tokenizer_json
 from albor.plan import Plan
 from albor.stage import ApplyContext, Outcome, OutputConfig, PlanContext, check_input
 
 if TYPE_CHECKING:
-    from tokenizers import Tokenizer
-
+    from albor.data.bpe import SpecialTokens
     from albor.model.config import ModelConfig
     from albor.model.gpt import GPT
 
@@ -104,30 +96,34 @@ def gguf_formats(cfg: Config) -> list[str]:
 
 @dataclass
 class ModelInfo:
-    """What plan reads of a checkpoint: its config, tokenizer JSON and weight file sizes."""
+    """What plan reads of a checkpoint: its config, tokenizer JSON, the roles of its special
+    tokens and weight file sizes."""
 
     config: ModelConfig
     tokenizer: dict[str, Any]
+    specials: SpecialTokens
     weight_bytes: int
     tokenizer_bytes: int
 
 
 def read_model(directory: Path) -> ModelInfo:
-    """Headers only: config.json, the safetensors index or header, tokenizer.json."""
+    """Headers only: config.json, the safetensors index or header, the tokenizer files."""
     from albor.artifact import read_manifest
+    from albor.data.bpe import special_tokens
     from albor.model.hf import _weight_files, load_config
 
     read_manifest(directory)  # the stage fingerprints its input: it must be an artifact
     mc = load_config(directory)
     files = _weight_files(directory)
     tok = read_tokenizer_json(directory)
+    specials = special_tokens(directory)
     tok_bytes = sum(
         (directory / f).stat().st_size
         for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
         if (directory / f).is_file()
     )
     weight_bytes = sum((directory / f).stat().st_size for f in files if (directory / f).is_file())
-    return ModelInfo(mc, tok, weight_bytes, tok_bytes)
+    return ModelInfo(mc, tok, specials, weight_bytes, tok_bytes)
 
 
 def _read_splits(directory: Path) -> dict[str, Any]:
@@ -159,6 +155,13 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
     if info is not None:
         mc = info.config
         p.add("model", "ok", f"{cfg.model} ({mc.num_layers} layers, vocab {mc.vocab_size})")
+        # What hf/ and the GGUF files will name as eos and FIM tokens (an adopted tokenizer's own).
+        roles = info.specials.to_json()
+        p.add(
+            "special tokens",
+            "ok",
+            ", ".join(f"{r} {v['token']} ({v['id']})" for r, v in roles.items()),
+        )
         problems = check_tokenizer(info.tokenizer)
         if not problems:
             try:
@@ -243,16 +246,13 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
 # apply
 
 
-def _write_hf(model: GPT, mc: ModelConfig, src: Path, out: Path, tokenizer: Tokenizer) -> int:
-    """hf/: the weights as they are, config.json, the tokenizer files, generation_config.json;
-    returns the EOS id (transformers stops generating there)."""
+def _write_hf(model: GPT, mc: ModelConfig, src: Path, out: Path, eos: int) -> int:
+    """hf/: the weights as they are, config.json, the tokenizer files, generation_config.json
+    naming `eos` (the tokenizer's eos role: transformers stops generating there); returns it."""
     from albor.artifact import atomic_write_json
-    from albor.data.bpe import EOS, TOKENIZER_FILES, hf_config
+    from albor.data.bpe import TOKENIZER_FILES, hf_config
     from albor.model.hf import save_pretrained
 
-    eos = tokenizer.token_to_id(EOS)
-    if eos is None:
-        raise ArtifactError(f"{src}/tokenizer.json has no {EOS} token: transformers needs an EOS")
     out.mkdir(parents=True, exist_ok=True)
     save_pretrained(model, mc, out, eos_token_id=eos, pad_token_id=eos)
     for name in TOKENIZER_FILES:
@@ -286,7 +286,6 @@ def apply(cfg: Config, ctx: ApplyContext) -> Outcome:
 
 
 def _export(cfg: Config, ctx: ApplyContext) -> Outcome:
-    from albor.data.bpe import EOS
     from albor.evals import parity
     from albor.model.gguf import quantize_gguf, write_gguf
     from albor.model.load import load_model, load_model_tokenizer
@@ -296,7 +295,10 @@ def _export(cfg: Config, ctx: ApplyContext) -> Outcome:
     info = read_model(src)
     model, mc = load_model(src)
     tokenizer = load_model_tokenizer(src)
-    eos = tokenizer.token_to_id(EOS)
+    # The checkpoint's tokenizer artifact says which token ends a document (albor's
+    # <|endoftext|>, or an adopted tokenizer's own eos): parity windows start after it, and
+    # hf/ and the GGUF files name it.
+    eos = info.specials.eos_id
     texts, source = parity.parity_texts(cfg.data, cfg.parity_texts)
     windows = parity.parity_windows(tokenizer, texts, cfg.parity_prompts, cfg.prompt_tokens, eos)
     if not windows:
@@ -314,7 +316,7 @@ def _export(cfg: Config, ctx: ApplyContext) -> Outcome:
     }
 
     if "hf" in cfg.formats:
-        hf_eos = _write_hf(model, mc, src, ctx.out / "hf", tokenizer)
+        hf_eos = _write_hf(model, mc, src, ctx.out / "hf", eos)
         size = sum(p.stat().st_size for p in (ctx.out / "hf").iterdir() if p.is_file())
         metrics["hf"] = {"bytes": size}
         fp32 = (ctx.out / "hf" / "model.safetensors").stat().st_size

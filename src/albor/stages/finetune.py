@@ -20,7 +20,7 @@ import functools
 import json
 import logging
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +34,7 @@ from albor.plan import Plan
 from albor.stage import ApplyContext, Outcome, OutputConfig, PlanContext, check_input
 from albor.train import preflight
 from albor.train.lora import LINEAR_TARGETS, LoraSpec
-from albor.train.settings import Architecture, ModelSettings, TrainSettings
+from albor.train.settings import TrainSettings
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -51,9 +51,6 @@ log = logging.getLogger(__name__)
 
 NAME = "finetune"
 INPUTS = ("base", "data")
-
-# AdamW on the adapters in fp32: the weight, its gradient and two moments, 4 bytes each.
-ADAPTER_BYTES_PER_PARAMETER = 16
 
 
 class Config(TrainSettings, OutputConfig):
@@ -99,9 +96,9 @@ class Base:
 
 def read_base(directory: Path) -> Base:
     """The base's config, eos id and dtype; ArtifactError naming what is missing."""
-    from albor.data.bpe import special_tokens
     from albor.model.hf import CONFIG_FILE
-    from albor.model.load import DTYPES, require_checkpoint
+    from albor.model.load import DTYPES, load_model_tokenizer, require_checkpoint
+    from albor.model.special_tokens import model_special_tokens
 
     config = require_checkpoint(directory, "base")
     raw = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
@@ -109,7 +106,12 @@ def read_base(directory: Path) -> Base:
     if isinstance(eos, list):
         eos = eos[0] if eos else None
     if not isinstance(eos, int):
-        eos = special_tokens(directory).ids["eos"]
+        eos = model_special_tokens(load_model_tokenizer(directory), directory).ids.get("eos")
+    if not isinstance(eos, int):
+        raise ArtifactError(
+            f"base {directory}: neither config.json (eos_token_id) nor the tokenizer names an "
+            "end-of-text token; set eos_token_id in its config.json"
+        )
     dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
     return Base(directory, config, eos, dtype if dtype in DTYPES else "float32")
 
@@ -136,12 +138,6 @@ def read_pairs(directory: Path) -> dict[str, int]:
         }
     except OSError as e:  # pyarrow's errors on a missing or damaged file are OSErrors
         raise ArtifactError(f"{directory}: unreadable pairs file: {e}") from e
-
-
-def model_settings(cfg: Config, base: ModelConfig) -> ModelSettings:
-    """The base's architecture as the shared preflight reads a model: every field overridden,
-    so the preset named is never what trains."""
-    return ModelSettings(architecture=Architecture(**base.model_dump()), seq_len=cfg.seq_len)
 
 
 def _run_problems(cfg: Config) -> list[str]:
@@ -211,20 +207,11 @@ def _plan(p: Plan, cfg: Config, ctx: PlanContext) -> None:
     )
     if problems:
         return
-    setup = preflight.check_run(p, cfg, model_settings(cfg, base.config))
-    for i, c in enumerate(p.checks):
-        if c.name == "architecture":  # the preset named there is not the model: the base is
-            p.checks[i] = replace(c, detail=f"base: {c.detail.split(': ', 1)[-1]}")
+    setup = preflight.check_run(p, cfg, base.config, seq_len=cfg.seq_len, name="base")
     if setup is None:
         return
-    extra = preflight.Extra(
-        "adapters",
-        memory=trainable * ADAPTER_BYTES_PER_PARAMETER,
-        flops_per_token=6.0 * trainable,
-    )
-    # The shared estimate counts gradients and AdamW states for every weight of the base: an
-    # upper bound here, where only the adapters have them.
-    preflight.check_device(p, cfg, setup, extra)
+    # Only the adapters have gradients and AdamW states; the base holds its weights alone.
+    preflight.check_device(p, cfg, setup, adapters=trainable)
     p.estimates["trainable_parameters"] = trainable
     p.estimates["lora"] = lora.describe(base.config, spec)
     if pairs is not None and pairs.get("train"):
@@ -285,14 +272,15 @@ class PairData:
     def validation(
         self, model: GPT, settings: TrainSettings, seq_len: int, device: torch.device
     ) -> Callable[[], dict[str, Any]] | None:
-        from albor.data.pair_windows import eval_batches, score_completions
+        from albor.data.pair_windows import eval_batches
+        from albor.evals.perplexity import score_masked
 
         if settings.eval_tokens == 0 or not len(self.val):
             return None
 
         def evaluate() -> dict[str, Any]:
             batches = eval_batches(self.val, settings.micro_batch, settings.eval_tokens)
-            s = score_completions(model, batches, self.token_bytes, device)
+            s = score_masked(model, batches, self.token_bytes, device)
             found: dict[str, Any] = {"val_loss": round(s.loss, 5), "val_tokens": s.tokens}
             if math.isfinite(s.bits_per_byte):
                 found["val_bpb"] = round(s.bits_per_byte, 5)
@@ -316,6 +304,28 @@ def build_adapted(base: Path, spec: LoraSpec, setup: Setup, seed: int, device: t
     return inject(model, spec).train()
 
 
+def _against_base(
+    cfg: Config, base: Base, data: PairData, setup: Setup, metrics: dict[str, Any]
+) -> dict[str, Any]:
+    """The base's validation figures, scored exactly as the finetuned model's (same pairs, same
+    scorer, fp32), and the change: what the instruct step bought. Empty without validation."""
+    import torch
+
+    from albor.model.hf import load_pretrained
+
+    model, _ = load_pretrained(base.directory, device=setup.device, dtype=torch.float32)
+    evaluate = data.validation(model, cfg, setup.seq_len, torch.device(setup.device))
+    if evaluate is None or "val_loss" not in metrics:
+        return {}
+    found = evaluate()
+    del model
+    out: dict[str, Any] = {f"base_{k}": v for k, v in found.items() if k != "val_tokens"}
+    for key in ("val_loss", "val_bpb"):
+        if key in found and metrics.get(key) is not None:
+            out[f"{key}_change"] = round(metrics[key] - found[key], 5)
+    return out
+
+
 def apply(cfg: Config, ctx: ApplyContext) -> Outcome:
     from albor.data.pair_windows import IGNORE
     from albor.train import lora
@@ -328,7 +338,7 @@ def apply(cfg: Config, ctx: ApplyContext) -> Outcome:
     problems = lora.spec_problems(base.config, spec) + _run_problems(cfg)
     if problems:
         raise ConfigError("; ".join(problems))
-    setup = preflight.setup(cfg, model_settings(cfg, base.config))
+    setup = preflight.setup(cfg, base.config, seq_len=cfg.seq_len)
     data = PairData.open(cfg.data, base, spec, setup.seq_len, cfg.seed)
     build = functools.partial(build_adapted, base.directory, spec)
     config = cfg.model_dump(mode="json", exclude={"output"})
@@ -343,6 +353,7 @@ def apply(cfg: Config, ctx: ApplyContext) -> Outcome:
         build=build,
     )
     train = data.sampler.pairs
+    outcome.metrics.update(_against_base(cfg, base, data, setup, outcome.metrics))
     outcome.metrics.update(
         lora=lora.describe(base.config, spec),
         trainable_parameters=lora.trainable_count(base.config, spec),

@@ -10,21 +10,34 @@ scale of the cross-entropy's as T grows (Hinton et al., 2015).
 shard stores; `kd_loss_sum` scores a student against such pairs and `dense_kd_loss_sum` against
 full teacher logits (the reference the top-k loss equals when k is the vocabulary). `Distill` is
 the training loop's `Objective` for online distillation: the teacher runs beside the student,
-forward only.
+forward only. `OfflineDistill` is the one for offline distillation: `TeacherLogitsSampler` draws
+aligned windows with their precomputed teacher rows (a teacher_logits artifact) and packs each
+micro-batch into one tensor (`pack_offline`), which the objective unpacks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from albor.errors import ConfigError
+from albor.data.windows import AlignedWindowSampler, aligned_window, aligned_window_count
+from albor.errors import ArtifactError, ConfigError
 from albor.train.objectives import NextToken
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from albor.model.gpt import GPT
+    from albor.train.checkpoint import Checkpointer
+    from albor.train.run import TokenData
+    from albor.train.settings import TrainSettings
 
 # Per-chunk loss over scored rows only: (student logits, *teacher arrays, targets) -> scalar.
 RowLoss = Callable[..., torch.Tensor]
@@ -289,4 +302,155 @@ class Distill:
                 ignore_index=ignore,
                 chunk_rows=chunk,
             )
+        return loss
+
+
+# --- offline distillation --------------------------------------------------------------------
+
+
+def pack_offline(tokens: np.ndarray, ids: np.ndarray, logprobs: np.ndarray) -> torch.Tensor:
+    """One micro-batch of offline distillation as one int64 tensor `(B, 1 + 2k, T + 1)`:
+    row 0 the window's T + 1 tokens; rows 1..k the teacher's ids, and rows k+1..2k the bit
+    patterns (int16) of its fp16 log-probabilities, of positions 0..T-1 (column T is 0). One
+    tensor, so the loop moves, pins and slices it as it does plain windows (the batch dimension
+    first, for a rank's share); bit patterns, so the fp16 values come back exactly.
+
+    `tokens` (B, T + 1); `ids` and `logprobs` (B, T, k), fp16 log-probabilities."""
+    b, t1 = tokens.shape
+    k = ids.shape[-1]
+    out = np.zeros((b, 1 + 2 * k, t1), dtype=np.int64)
+    out[:, 0] = tokens
+    out[:, 1 : 1 + k, :-1] = np.swapaxes(ids, 1, 2)
+    bits = np.ascontiguousarray(logprobs, dtype=np.float16).view(np.int16)
+    out[:, 1 + k :, :-1] = np.swapaxes(bits, 1, 2)
+    return torch.from_numpy(out)
+
+
+def unpack_offline(
+    batch: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`pack_offline`'s batch as (inputs (B, T), targets (B, T), ids (B, T, k) int64,
+    log-probabilities (B, T, k) fp16): row t of each describes token t + 1."""
+    if batch.dim() != 3 or batch.shape[1] < 3 or batch.shape[1] % 2 == 0:
+        raise ValueError(
+            f"an offline distillation batch is (B, 1 + 2k, T + 1); got {tuple(batch.shape)}"
+        )
+    k = (batch.shape[1] - 1) // 2
+    tokens = batch[:, 0]
+    ids = batch[:, 1 : 1 + k, :-1].transpose(1, 2)
+    logprobs = batch[:, 1 + k :, :-1].to(torch.int16).view(torch.float16).transpose(1, 2)
+    return tokens[:, :-1], tokens[:, 1:], ids, logprobs
+
+
+class TeacherLogitsSampler:
+    """Random aligned windows of the train split with the teacher's rows for them, packed
+    (`pack_offline`): a deterministic function of (seed, step, micro), so a resumed run draws
+    what an uninterrupted one would. `shards` are the train split's token shards and `logits`
+    each one's (ids, log-probabilities) (`train/teacher.open_logits`), in the same order."""
+
+    def __init__(
+        self,
+        shards: list[np.ndarray],
+        logits: list[tuple[np.ndarray, np.ndarray] | None],
+        seq_len: int,
+        seed: int,
+    ) -> None:
+        if len(shards) != len(logits):
+            raise ArtifactError(
+                f"the data has {len(shards)} train shards and the teacher logits "
+                f"{len(logits)}: compute the logits on this data (teacher_logits stage)"
+            )
+        counts = []
+        for i, (shard, pair) in enumerate(zip(shards, logits, strict=True)):
+            n = aligned_window_count(len(shard), seq_len)
+            have = 0 if pair is None else pair[0].shape[0]
+            if have != n:
+                raise ArtifactError(
+                    f"train shard {i} holds {n} windows of {seq_len + 1} tokens but its teacher "
+                    f"logits {have}: compute the logits on this data with this seq_len"
+                )
+            counts.append(n)
+        self.shards, self.logits, self.seq_len, self.seed = shards, logits, seq_len, seed
+        self.windows = AlignedWindowSampler(counts, seed)
+
+    @property
+    def tokens(self) -> int:
+        return self.windows.windows * self.seq_len
+
+    def batch(self, step: int, micro: int, batch_size: int) -> torch.Tensor:
+        drawn = self.windows.draw(step, micro, batch_size)
+        tokens = np.stack([aligned_window(self.shards[s], w, self.seq_len) for s, w in drawn])
+        pairs = [self.logits[s] for s, _ in drawn]
+        assert all(p is not None for p in pairs)  # a shard without windows is never drawn
+        ids = np.stack([p[0][w] for p, (_, w) in zip(pairs, drawn, strict=True) if p is not None])
+        lps = np.stack([p[1][w] for p, (_, w) in zip(pairs, drawn, strict=True) if p is not None])
+        return pack_offline(tokens, ids, lps)
+
+
+@dataclass
+class OfflineData:
+    """A run's data for offline distillation: the teacher-logit windows to train on; the token
+    data's validation (plain next-token bits per byte) and checkpoints."""
+
+    tokens: TokenData
+    sampler: TeacherLogitsSampler
+
+    def checkpointer(self) -> Checkpointer:
+        return self.tokens.checkpointer()
+
+    def validation(
+        self, model: GPT, settings: TrainSettings, seq_len: int, device: torch.device
+    ) -> Callable[[], dict[str, Any]] | None:
+        return self.tokens.validation(model, settings, seq_len, device)
+
+
+def open_offline(data: Path, logits: Path, seq_len: int, seed: int) -> OfflineData:
+    """The offline run data of token artifact `data` and teacher_logits artifact `logits`,
+    after checking every logits file's sha256 against its manifest."""
+    from albor.data.shards import open_split
+    from albor.train.run import TokenData
+    from albor.train.teacher import LogitsIndex, open_logits, verify_logits
+
+    index = LogitsIndex.load(logits)
+    if index.seq_len != seq_len:
+        raise ArtifactError(
+            f"{logits}: the teacher logits are for windows of {index.seq_len} tokens, the run's "
+            f"are {seq_len}: set seq_len: {index.seq_len}, or recompute the logits"
+        )
+    verify_logits(logits)
+    sampler = TeacherLogitsSampler(
+        open_split(data, "train"), open_logits(logits, index), seq_len, seed
+    )
+    return OfflineData(TokenData.open(data, seq_len, seed), sampler)
+
+
+@dataclass(frozen=True, eq=False)
+class OfflineDistill:
+    """Offline distillation: the loop's `Objective` on `pack_offline` batches, the teacher's
+    top-k rows read from a teacher_logits artifact instead of computed. The loss is
+    `kd_loss_sum`'s, with the artifact's `temperature` (its log-probabilities are of the
+    teacher's softmax at that T); every position is scored."""
+
+    temperature: float = 2.0
+    alpha: float = 0.5
+    chunk_rows: int | None = 4096
+
+    def __post_init__(self) -> None:
+        _check(self.temperature, self.alpha, self.chunk_rows)
+
+    def targets(self, batch: torch.Tensor) -> int:
+        return int(batch.shape[0] * (batch.shape[2] - 1))
+
+    def loss_sum(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        inputs, targets, ids, logprobs = unpack_offline(batch)
+        logits: torch.Tensor = model(inputs)  # no targets: GPT.forward returns the logits
+        loss, _ = kd_loss_sum(
+            logits,
+            ids,
+            logprobs.float(),
+            targets,
+            temperature=self.temperature,
+            alpha=self.alpha,
+            chunk_rows=self.chunk_rows,
+        )
         return loss

@@ -21,6 +21,7 @@ from albor.model.estimate import format_count
 from albor.plan import Plan
 from albor.stage import PlanContext, StageConfig, check_input
 from albor.train import preflight
+from albor.train.estimates import format_duration
 from albor.train.preflight import Extra, Setup
 from albor.train.settings import ModelSettings, TrainSettings
 
@@ -79,7 +80,7 @@ def plan_run(
     preflight.check_device(p, cfg, setup, extra)
     total = setup.tokens_per_step * cfg.max_steps
     where = f"{setup.world} x {setup.target[0]}" if setup.target else setup.device
-    until = f" or until max_time {preflight.format_duration(cfg.max_time)}" if cfg.max_time else ""
+    until = f" or until max_time {format_duration(cfg.max_time)}" if cfg.max_time else ""
     p.actions.append(
         f"{verb} {format_count(setup.parameters)} parameters for {cfg.max_steps} steps{until} "
         f"({format_count(total)} tokens) on {where} in {setup.precision} with {cfg.optimizer}"

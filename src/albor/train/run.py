@@ -29,10 +29,10 @@ from albor.model.gpt import GPT
 from albor.stage import ApplyContext, Outcome
 from albor.train import preflight
 from albor.train.checkpoint import Checkpointer, FullCheckpointer
-from albor.train.loop import LoopResult
 from albor.train.objectives import Objective
 from albor.train.preflight import Setup
 from albor.train.settings import TrainSettings
+from albor.train.state import LoopResult
 
 
 class Sampler(Protocol):
