@@ -180,3 +180,17 @@ def test_data_verify_notices_changed_ingest_sources(
     (src / "b.py").write_text("y = 2\n")
     code, out, _ = run(["data", "verify", str(tmp_path / "out"), "--json"], capsys)
     assert code == 1 and json.loads(out)["artifacts"][0]["sources"] == [f"dir: {src} (changed)"]
+
+
+def test_keys_lists_nested_settings_under_their_parent(capsys: pytest.CaptureFixture[str]) -> None:
+    """`keys` shows what a config can hold below its top level: the architecture's fields, and
+    each kind of evaluate task with its own keys (a `limit` a user would otherwise not find)."""
+    code, output, _ = run(["pretrain", "keys"], capsys)
+    assert code == 0 and "architecture.hidden_size (default None)" in output, output
+    code, output, _ = run(["evaluate", "keys"], capsys)
+    assert code == 0, output
+    lines = output.splitlines()
+    start = lines.index("  tasks entries with task: humaneval")
+    after = lines[start + 1 : lines.index("  tasks entries with task: custom")]
+    assert any(line.startswith("    limit (default None):") for line in after)
+    assert "  tasks entries with task: pairs" in lines

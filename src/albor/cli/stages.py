@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import os
 import sys
+import typing
+from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
 import click
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
 from albor import progress
 from albor.cli.common import ALIASES, SET_HELP, Exit, emit_json, err, out
@@ -189,13 +193,8 @@ def stage_group(kind: str) -> click.Group:
     def keys_cmd() -> None:
         """List this stage's config keys with their defaults and descriptions."""
         module = load_stage(target)
-        for key, field in module.Config.model_fields.items():
-            default = (
-                "required"
-                if field.is_required()
-                else repr(field.get_default(call_default_factory=True))
-            )
-            out.print(f"[bold]{key}[/] (default {default}): {field.description or ''}")
+        for line in config_key_lines(module.Config.model_fields):
+            out.print(line)
 
     if target in TRAINING_STAGES:
         group.add_command(watch_command(kind, target, epilog))
@@ -286,3 +285,41 @@ def watch_command(kind: str, target: str, epilog: str) -> click.Command:
             raise Exit(result.exit_code)
 
     return watch_cmd
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models a field's type holds (`X`, `X | None`, `list[A | B]`, ...)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for a in typing.get_args(annotation) for m in _models_in(a)]
+
+
+def config_key_lines(
+    fields: Mapping[str, FieldInfo], prefix: str = "", depth: int = 0
+) -> list[str]:
+    """One line per key of a config's `model_fields` (default and description), with the keys
+    of the nested settings under their parent (`architecture.hidden_size`; the keys of each kind
+    of `tasks` entry under `tasks entries with task: humaneval`), two levels deep."""
+    lines = []
+    indent = "  " * depth
+    for key, field in fields.items():
+        default = (
+            "required"
+            if field.is_required()
+            else repr(field.get_default(call_default_factory=True))
+        )
+        lines.append(
+            f"{indent}[bold]{prefix}{key}[/] (default {default}): {field.description or ''}"
+        )
+        if depth >= 2:
+            continue
+        for sub in _models_in(field.annotation):
+            tag = sub.model_fields.get("task")
+            kinds = typing.get_args(tag.annotation) if tag is not None else ()
+            if kinds:  # one kind of tagged entry, e.g. {task: humaneval, ...}
+                lines.append(f"{indent}  {key} entries with task: {kinds[0]}")
+                rest = {k: f for k, f in sub.model_fields.items() if k != "task"}
+                lines += config_key_lines(rest, "", depth + 2)
+            else:
+                lines += config_key_lines(sub.model_fields, f"{prefix}{key}.", depth + 1)
+    return lines
