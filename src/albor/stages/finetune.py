@@ -73,11 +73,11 @@ class Config(TrainSettings, OutputConfig):
     rslora: bool = Field(
         False, description="Rank-stabilised LoRA: scale the update alpha / sqrt(r)."
     )
-    seq_len: Int = Field(
-        512,
+    seq_len: Int | None = Field(
+        None,
         gt=0,
-        description="Window in tokens: a pair longer than this loses the end of its "
-        "completion (counted as truncated).",
+        description="Window in tokens (default: the base's context): a pair longer than this "
+        "loses the end of its completion (counted as truncated).",
     )
 
     def spec(self) -> LoraSpec:
