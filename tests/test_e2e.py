@@ -116,11 +116,18 @@ def test_default_manifest_learns_python(tmp_path: Path, capsys: pytest.CaptureFi
         completions[prompt] = json.loads(out)["completion"]
     assert completions["def __init__"].startswith("(self"), completions
     assert re.match(r"[A-Za-z_][A-Za-z0-9_.]*\s", completions["import "]), completions
-    # The export stage ends the default pipeline: GGUF files llama.cpp runs, parity checked.
+    # Export writes what keeps precision; quantize every lower-precision variant, measured.
     files = {
         o["path"] for o in json.loads((work / "export" / "manifest.json").read_text())["outputs"]
     }
-    assert {f"model-{q}.gguf" for q in ("f16", "q8_0", "q4_0", "q4_k_m")} <= files
-    gguf = work / "export" / "model-q4_k_m.gguf"
-    code, out, _ = run(["complete", str(gguf), "def ", "--max-tokens", "16", "--json"], capsys)
-    assert code == 0 and isinstance(json.loads(out)["completion"], str)
+    assert "model-f16.gguf" in files and not any("q4" in f or "q8" in f for f in files)
+    quantized = json.loads((work / "quantize" / "manifest.json").read_text())
+    files = {o["path"] for o in quantized["outputs"]}
+    assert {"model-q8_0.gguf", "model-q4_k_m.gguf", "int8/model.safetensors"} <= files
+    rows = quantized["metrics"]["variants"]
+    assert list(rows) == ["full", "int8", "int4", "gguf-q8_0", "gguf-q4_k_m"]
+    assert abs(rows["int8"]["val_bpb"] / rows["full"]["val_bpb"] - 1) <= 0.01
+    assert abs(rows["int4"]["val_bpb"] / rows["full"]["val_bpb"] - 1) <= 0.10
+    for model in (work / "quantize" / "model-q4_k_m.gguf", work / "quantize" / "int4"):
+        code, out, _ = run(["complete", str(model), "def ", "--max-tokens", "16", "--json"], capsys)
+        assert code == 0 and isinstance(json.loads(out)["completion"], str)

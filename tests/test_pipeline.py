@@ -137,6 +137,7 @@ def test_default_manifest_loads_and_plans() -> None:
         "pretrain",
         "evaluate",
         "export",
+        "quantize",
     ]
 
 

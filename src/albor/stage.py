@@ -72,6 +72,7 @@ REGISTRY: dict[str, str] = {
     "pairs": "albor.stages.pairs",
     "merge": "albor.stages.merge",
     "prune": "albor.stages.prune",
+    "quantize": "albor.stages.quantize",
     "evaluate": "albor.stages.evaluate",
     "export": "albor.stages.export",
 }
@@ -102,9 +103,11 @@ DESCRIPTIONS: dict[str, str] = {
     "arithmetic, TIES, DARE (computed in fp32, cast back).",
     "prune": "Zero weights by magnitude or Wanda (optionally 2:4), or remove blocks; exact "
     "sparsity, val bits/byte before and after.",
+    "quantize": "Lower precision: int8 / int4 weight-only for albor's engine, GGUF Q8_0 / Q4_0 / "
+    "Q4_K_M (optional importance matrix); size, bits/byte, KL, top-1, ms/token per variant.",
     "evaluate": "Perplexity, pairs bits/byte, HumanEval pass@k and infilling in a sandbox, "
     "custom benchmarks.",
-    "export": "Export a checkpoint as an HF dir and GGUF files; check token and top-1 parity.",
+    "export": "Export a checkpoint as an HF dir and GGUF F16 / BF16; check token and top-1 parity.",
 }
 
 

@@ -12,8 +12,9 @@ An exported file is only as good as its agreement with the checkpoint it came fr
   (`top1_near_ties`), not failed; the raw agreement is reported beside it.
 
 `hf_parity` / `gguf_parity` compute the figures (a dict that goes into the manifest);
-`hf_failures` / `gguf_failures` read them and say, format first, which bound was missed. Both
-the export stage and quantization gates use them.
+`hf_failures` / `gguf_failures` read them and say, format first, which bound was missed. The
+export stage (HF, GGUF F16 / BF16) and the quantize stage (GGUF Q8_0 / Q4_0 / Q4_K_M) both gate
+on them: one set of bounds for every file albor writes.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
     from albor.model.gpt import GPT
 
-REQUIRED_TOP1 = {"f16": 1.0, "q8_0": 0.99}
+REQUIRED_TOP1 = {"f16": 1.0, "bf16": 1.0, "q8_0": 0.99}
 """Least top-1 agreement with albor's model per GGUF type; the others are reported only."""
 HF_PROMPTS = 4
 HF_NEW_TOKENS = 24
@@ -80,6 +81,30 @@ def parity_texts(data: Path | None, limit: int | None = None) -> tuple[list[str]
             "artifact for the parity texts"
         )
     return texts, "stdlib sample"
+
+
+def token_data_texts(
+    data: Path, tokenizer: Tokenizer, limit: int | None = None
+) -> tuple[list[str], str]:
+    """Parity texts from a tokenize artifact: its val split's documents (the token stream cut
+    at each EOS) decoded back into text, at most `limit` of them; and where they came from.
+    Byte-level BPE decodes losslessly, so these are the val documents as tokenized (FIM
+    documents keep their FIM tokens, which both tokenizers parse as special tokens)."""
+    from albor.data.shards import TokenIndex, open_split
+
+    eos = TokenIndex.load(data).eos_id
+    texts: list[str] = []
+    for shard in open_split(data, "val"):
+        ids = np.asarray(shard)
+        cuts = np.flatnonzero(ids == eos)
+        for start, end in zip(np.r_[0, cuts + 1], np.r_[cuts, len(ids)], strict=True):
+            if end > start:
+                texts.append(tokenizer.decode(ids[start:end].tolist(), skip_special_tokens=False))
+            if limit is not None and len(texts) >= limit:
+                return texts, f"val split of {data}"
+    if not texts:
+        raise ArtifactError(f"{data}: the val split holds no document: no parity texts")
+    return texts, f"val split of {data}"
 
 
 def parity_windows(

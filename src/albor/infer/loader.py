@@ -1,7 +1,9 @@
 """One `load(path)` for every model albor can run, returning an engine `Backend`.
 
 - an albor checkpoint dir or a transformers model dir -> `TorchBackend` (the albor decoder in
-  torch, on the CPU or a GPU, in float32, bfloat16 or float16);
+  torch, on the CPU or a GPU, in float32, bfloat16 or float16); a quantize stage's `int8/` or
+  `int4/` dir too, its projections weight-only quantized (`dtype` then sets the activations and
+  the full-precision tensors);
 - a `.gguf` file -> `GGUFBackend`, run by llama.cpp through llama-cpp-python
   (`albor.infer.llamacpp`);
 - a directory holding exactly one of those (an export artifact with one model) -> that model.

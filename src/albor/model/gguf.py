@@ -6,10 +6,13 @@ projections carry a bias), the hyper-parameters llama.cpp reads, the tokenizer
 of the model's tokenizer) and the tensors under llama.cpp's names and types
 (`albor.model.gguf_layout`).
 
-F32, F16, Q8_0 and Q4_0 are written here (the quantized types with `gguf.quants`, which mirrors
-ggml's reference quantizers); Q4_K_M is made from an F16 file by llama.cpp's own quantizer through
-llama-cpp-python. A tensor whose rows do not split into the type's blocks (32 values for Q8_0 and
-Q4_0) is stored as F16 instead, and the report lists it.
+F32, F16, BF16, Q8_0 and Q4_0 are written here (the quantized types with `gguf.quants`, which
+mirrors ggml's reference quantizers); Q4_K_M is made from an F16 file by llama.cpp's own quantizer
+through llama-cpp-python, optionally with an importance matrix (`quantize_gguf(imatrix=...)`:
+per GGUF tensor name, the mean square of each input column's activations on calibration text,
+the figure llama.cpp's `llama-imatrix` collects; the quantizer then spends its precision on the
+columns that carry the most signal). A tensor whose rows do not split into the type's blocks
+(32 values for Q8_0 and Q4_0) is stored as F16 instead, and the report lists it.
 
 The checkpoint may be an albor pretrain output or any transformers Llama / Qwen2 directory with
 `config.json`, safetensors weights (single or sharded) and a byte-level BPE `tokenizer.json`.
@@ -23,7 +26,7 @@ import contextlib
 import ctypes
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,7 +139,13 @@ def _iter_weights(directory: Path, cfg: ModelConfig) -> Iterator[tuple[str, np.n
         yield name, found.pop(name)
 
 
-_FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}
+_FILE_TYPES = {
+    "f32": "ALL_F32",
+    "f16": "MOSTLY_F16",
+    "bf16": "MOSTLY_BF16",
+    "q8_0": "MOSTLY_Q8_0",
+    "q4_0": "MOSTLY_Q4_0",
+}
 
 
 @dataclass
@@ -262,10 +271,37 @@ def quiet_native_stderr() -> Iterator[None]:
         os.close(saved)
 
 
+def _imatrix_array(imatrix: Mapping[str, np.ndarray]) -> tuple[Any, list[Any]]:
+    """llama.cpp's `llama_model_imatrix_data` array, ended by an entry whose name is NULL, and
+    the buffers it points into (kept alive by the caller until the quantizer returns)."""
+    llama_cpp = require_llama_cpp()
+    entry = llama_cpp.llama_model_imatrix_data
+    array = (entry * (len(imatrix) + 1))()
+    keep: list[Any] = []
+    for i, (name, values) in enumerate(imatrix.items()):
+        data = np.ascontiguousarray(values, dtype=np.float32)
+        if not np.isfinite(data).all():
+            raise ArtifactError(f"importance matrix of {name} holds non-finite values")
+        keep += [data, name.encode()]
+        array[i].name = keep[-1]
+        array[i].data = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        array[i].size = data.size
+    array[len(imatrix)].name = None
+    return array, keep
+
+
 def quantize_gguf(
-    src: Path, out: Path, qtype: str = "q4_k_m", *, threads: int | None = None
+    src: Path,
+    out: Path,
+    qtype: str = "q4_k_m",
+    *,
+    threads: int | None = None,
+    imatrix: Mapping[str, np.ndarray] | None = None,
 ) -> GGUFFile:
     """Quantize an F16 (or F32) GGUF file with llama.cpp's quantizer into `out` (atomically).
+
+    `imatrix` (GGUF tensor name -> mean squared activation of each input column) is handed to
+    the quantizer as llama.cpp's `llama-quantize --imatrix` would.
 
     llama.cpp picks per tensor: K-quants need rows of 256 values, so for narrower rows it falls
     back (Q4_K to Q5_0, Q6_K to Q8_0, or F16); the types actually written are read back from the
@@ -279,6 +315,11 @@ def quantize_gguf(
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
     params.nthread = int(threads or 0)
+    keep: list[Any] = []
+    if imatrix:
+        array, keep = _imatrix_array(imatrix)
+        params.imatrix = ctypes.cast(array, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+        keep.append(array)
     with atomic_path(Path(out)) as tmp:
         with quiet_native_stderr():
             rc = llama_cpp.llama_model_quantize(
@@ -286,6 +327,7 @@ def quantize_gguf(
             )
         if rc != 0:
             raise ArtifactError(f"llama.cpp's quantizer failed on {src} (return code {rc})")
+    del keep  # the quantizer has copied the importance matrix
     out = Path(out)
     types = read_tensor_types(out)
     fallback = [

@@ -2,7 +2,7 @@
 tensor gets for a file type, and the file's size. Pure (no gguf import), so `plan` can size an
 export from config.json alone; `albor.model.gguf` writes what this lays out.
 
-F32, F16, Q8_0 and Q4_0 are written by albor; for Q4_K_M the types are the ones llama.cpp's
+F32, F16, BF16, Q8_0 and Q4_0 are written by albor; for Q4_K_M the types are the ones llama.cpp's
 quantizer is expected to choose. A tensor whose rows do not split into its type's blocks (32
 values for Q8_0 and Q4_0, 256 for the K-quants) takes llama.cpp's substitute, else F16.
 """
@@ -18,7 +18,7 @@ import numpy as np
 from albor.errors import ArtifactError, ConfigError
 from albor.model.config import ModelConfig
 
-WRITTEN_TYPES = ("f32", "f16", "q8_0", "q4_0")
+WRITTEN_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 """Types the `gguf` package writes directly."""
 LLAMACPP_TYPES = ("q4_k_m",)
 """Types made by llama.cpp's quantizer from an F16 file."""
@@ -29,6 +29,7 @@ ALL_TYPES = WRITTEN_TYPES + LLAMACPP_TYPES
 BLOCKS: dict[str, tuple[int, int]] = {
     "F32": (1, 4),
     "F16": (1, 2),
+    "BF16": (1, 2),
     "Q8_0": (32, 34),
     "Q4_0": (32, 18),
     "Q5_0": (32, 22),
@@ -159,6 +160,8 @@ def tensor_plan(cfg: ModelConfig, qtype: str) -> list[TensorEntry]:
         note = ""
         if qtype == "f16":
             wanted = "F16"
+        elif qtype == "bf16":
+            wanted = "BF16"
         elif qtype == "q8_0":
             wanted = "Q8_0"
         elif qtype == "q4_0":

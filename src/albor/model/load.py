@@ -6,6 +6,9 @@ What a path may hold:
   shards with `model.safetensors.index.json`) and usually `tokenizer.json`; `load_model` builds
   the `GPT` (float32, bfloat16 or float16, on the CPU or a GPU), `load_model_tokenizer` reads the
   tokenizer beside the weights;
+- a quantized checkpoint dir (the quantize stage's int8 / int4 output: config.json with a
+  `quantization` entry): `load_model` builds the `GPT` with its quantized linears
+  (`albor.model.quantized`);
 - a `.gguf` file, opened in llama.cpp by `open_gguf`;
 - a directory holding such models (an export artifact: an HF dir and GGUF files): `find_models`
   lists them, `resolve` picks the one a path names.
@@ -134,8 +137,11 @@ def load_model(
     naming the tensors otherwise).
     """
     from albor.model.hf import load_pretrained
+    from albor.model.quantized import load_quantized, read_spec
 
     where = resolve_device(device, key=device_key)
+    if read_spec(Path(directory)) is not None:
+        return load_quantized(Path(directory), device=where, dtype=torch_dtype(dtype))
     return load_pretrained(Path(directory), device=where, dtype=torch_dtype(dtype))
 
 

@@ -1,16 +1,17 @@
 """export: a checkpoint as an HF directory and GGUF files, each checked against albor's own model.
 
 Outputs: `hf/` (weights, config.json, tokenizer files, generation_config.json: loads with
-transformers' AutoModelForCausalLM and AutoTokenizer) and `model-{f16,q8_0,q4_0,q4_k_m}.gguf`
-(llama.cpp). An export is only as good as its parity, so apply checks every format it wrote and
-fails (exit 1, naming the figures) when one misses:
+transformers' AutoModelForCausalLM and AutoTokenizer) and `model-{f16,bf16}.gguf` (llama.cpp).
+Export keeps precision; what lowers it (GGUF Q8_0, Q4_0, Q4_K_M, albor's int8 / int4) is the
+quantize stage's, which gates its files with the same parity code. An export is only as good as
+its parity, so apply checks every format it wrote and fails (exit 1, naming the figures) when one
+misses:
 
 - hf: transformers' greedy generation equals albor's engine token for token on a few prompts,
   and AutoTokenizer gives the ids of HF tokenizers on every parity text;
 - GGUF: llama.cpp tokenizes every parity text exactly as HF tokenizers does (special tokens
   parsed, and as plain text) and detokenizes the ids back into the text, and its top-1 next
-  token agrees with albor's at every position of the parity prompts: F16 on all of them, Q8_0 on
-  at least 99% (near ties excused); Q4_0 and Q4_K_M are reported.
+  token agrees with albor's at every position of the parity prompts (near ties excused).
 
 The figures and their bounds are `albor.evals.parity`'s. Parity texts are the val split of a
 `split` artifact (`data:`), or by default a built-in sample of the running Python's standard
@@ -32,7 +33,7 @@ from pydantic import Field, field_validator
 from albor.config import Int
 from albor.errors import ArtifactError, StageFailed
 from albor.evals.parity import REQUIRED_TOP1, STDLIB_SAMPLE
-from albor.model.gguf_layout import LLAMACPP_TYPES, estimate_bytes, fallbacks, tensor_plan
+from albor.model.gguf_layout import estimate_bytes, fallbacks, tensor_plan
 from albor.model.gguf_vocab import check_tokenizer, gguf_vocab, read_tokenizer_json
 from albor.plan import Plan
 from albor.stage import ApplyContext, Outcome, OutputConfig, PlanContext, check_input
@@ -45,8 +46,11 @@ if TYPE_CHECKING:
 NAME = "export"
 INPUTS = ("model", "data")
 
-Format = Literal["hf", "f16", "q8_0", "q4_0", "q4_k_m"]
-FORMATS: tuple[Format, ...] = ("hf", "f16", "q8_0", "q4_0", "q4_k_m")
+Format = Literal["hf", "f16", "bf16"]
+FORMATS: tuple[Format, ...] = ("hf", "f16", "bf16")
+DEFAULT_FORMATS: tuple[Format, ...] = ("hf", "f16")
+LOSSY = {"q8_0": "gguf-q8_0", "q4_0": "gguf-q4_0", "q4_k_m": "gguf-q4_k_m"}
+"""Formats export once wrote that lower precision, and the quantize variant that makes each."""
 
 
 class Config(OutputConfig):
@@ -54,9 +58,9 @@ class Config(OutputConfig):
         None, description="Checkpoint artifact directory (pretrain output) to export."
     )
     formats: list[Format] = Field(
-        default_factory=lambda: list(FORMATS),
-        description="What to write: hf (transformers directory), f16, q8_0, q4_0 (GGUF written "
-        "by albor), q4_k_m (GGUF from llama.cpp's quantizer).",
+        default_factory=lambda: list(DEFAULT_FORMATS),
+        description="What to write: hf (transformers directory), f16, bf16 (GGUF written by "
+        "albor). Quantized files come from the quantize stage.",
     )
     data: Path | None = Field(
         None,
@@ -81,6 +85,19 @@ class Config(OutputConfig):
     threads: int | None = Field(
         None, gt=0, description="CPU threads for torch and llama.cpp (default: all cores)."
     )
+
+    @field_validator("formats", mode="before")
+    @classmethod
+    def _lossy(cls, v: Any) -> Any:
+        lossy = [f for f in v if f in LOSSY] if isinstance(v, list) else []
+        if lossy:
+            variants = ", ".join(LOSSY[f] for f in lossy)
+            raise ValueError(
+                f"formats {lossy} lower precision: quantize makes it: add a quantize stage "
+                f"with variants [{variants}] (needs {{model: ..., data: tokenize}}) and keep "
+                f"export's formats to {', '.join(FORMATS)}"
+            )
+        return v
 
     @field_validator("formats")
     @classmethod
@@ -190,11 +207,10 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
             p.estimates[f"bytes_{fmt}"] = estimate_bytes(entries, vocab)
             moved = fallbacks(entries)
             shown = ", ".join(moved[:3]) + (f" and {len(moved) - 3} more" if len(moved) > 3 else "")
-            what = "llama.cpp is expected to store" if fmt in LLAMACPP_TYPES else "stored as"
             p.warn_if(
                 f"blocks {fmt}",
                 bool(moved),
-                f"{len(moved)} tensor(s) {what} a wider type because their rows do not split "
+                f"{len(moved)} tensor(s) stored as a wider type because their rows do not split "
                 f"into {fmt} blocks: {shown}",
                 "every matrix splits into blocks",
             )
@@ -214,8 +230,8 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
         p.require(
             "llama_cpp",
             not _missing("llama_cpp"),
-            "llama-cpp-python available (Q4_K_M quantizer, GGUF parity)",
-            "the GGUF parity check (and Q4_K_M) needs llama.cpp. " + _reinstall("llama-cpp-python"),
+            "llama-cpp-python available (GGUF parity)",
+            "the GGUF parity check needs llama.cpp. " + _reinstall("llama-cpp-python"),
         )
     if "hf" in cfg.formats:
         p.require(
@@ -232,9 +248,8 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
     if "hf" in cfg.formats:
         p.actions.append("write hf/: safetensors, config.json, tokenizer, generation_config.json")
     for fmt in ggufs:
-        how = "from model-f16 with llama.cpp's quantizer" if fmt in LLAMACPP_TYPES else "(gguf)"
-        p.actions.append(f"write model-{fmt}.gguf {how}")
-    bounds = ", ".join(f"{fmt}: >= {need:.0%}" for fmt, need in REQUIRED_TOP1.items())
+        p.actions.append(f"write model-{fmt}.gguf (gguf)")
+    bounds = ", ".join(f"{fmt}: >= {REQUIRED_TOP1[fmt]:.0%}" for fmt in ggufs)
     p.actions.append(
         "check parity: tokenization of every parity text, top-1 tokens on the parity prompts "
         f"({bounds}), transformers generation == albor's"
@@ -287,7 +302,7 @@ def apply(cfg: Config, ctx: ApplyContext) -> Outcome:
 
 def _export(cfg: Config, ctx: ApplyContext) -> Outcome:
     from albor.evals import parity
-    from albor.model.gguf import quantize_gguf, write_gguf
+    from albor.model.gguf import write_gguf
     from albor.model.load import load_model, load_model_tokenizer
 
     assert cfg.model is not None
@@ -324,18 +339,7 @@ def _export(cfg: Config, ctx: ApplyContext) -> Outcome:
 
     written = {}
     for fmt in gguf_formats(cfg):
-        path = ctx.out / f"model-{fmt}.gguf"
-        if fmt in LLAMACPP_TYPES:
-            f16 = ctx.out / "model-f16.gguf"
-            temp = not f16.is_file()
-            if temp:  # not asked for: a hidden one, removed once quantized
-                f16 = ctx.out / ".model-f16.gguf"
-                write_gguf(src, f16, "f16", name=src.name)
-            written[fmt] = quantize_gguf(f16, path, fmt, threads=cfg.threads)
-            if temp:
-                f16.unlink()
-        else:
-            written[fmt] = write_gguf(src, path, fmt, name=src.name)
+        written[fmt] = write_gguf(src, ctx.out / f"model-{fmt}.gguf", fmt, name=src.name)
 
     failures: list[str] = []
     if "hf" in cfg.formats:
