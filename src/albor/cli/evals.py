@@ -14,7 +14,8 @@ from albor.cli.common import emit_json, out
 
 @click.group(name="eval")
 def eval_group() -> None:
-    """Score saved completions in the sandbox; compare evaluate artifacts side by side."""
+    """Score saved completions in the sandbox; compare models and their variants (evaluate,
+    quantize, prune, finetune artifacts) side by side."""
 
 
 @eval_group.command(name="execute")
@@ -99,7 +100,11 @@ def eval_execute_cmd(
 def eval_compare_cmd(
     directories: tuple[Path, ...], patterns: tuple[str, ...], as_json: bool
 ) -> None:
-    """A table of models x metrics from evaluate artifacts (DIRECTORIES), the best in bold."""
+    """A table of models x metrics from the artifacts in DIRECTORIES, the best in bold.
+
+    An evaluate artifact gives one column; a quantize artifact one for the full model and one
+    per variant; a prune artifact the model before and after; a finetune artifact the base and
+    the tuned model."""
     from albor.evals.compare import compare, table
 
     comparison = compare(list(directories), patterns)

@@ -294,6 +294,7 @@ def apply(cfg: Config, ctx: ApplyContext) -> Outcome:
 
 def _quantize(cfg: Config, ctx: ApplyContext) -> Outcome:
     from albor.data.bpe import load_tokenizer, token_byte_lengths
+    from albor.evals.fidelity import fidelity
     from albor.model.load import load_model, load_model_tokenizer
     from albor.model.quantized import memory_bytes
 
@@ -303,18 +304,18 @@ def _quantize(cfg: Config, ctx: ApplyContext) -> Outcome:
     seq = cfg.seq_len or mc.max_seq_len
     if seq > mc.max_seq_len:
         raise ConfigError(f"seq_len {seq} exceeds the model's context {mc.max_seq_len}")
-    scored, calibration = _windows(cfg, seq)
+    scored, calibration = scored_windows(cfg, seq)
     token_bytes = token_byte_lengths(load_tokenizer(cfg.data))
     tokenizer = load_model_tokenizer(src.directory)
 
     rows: dict[str, dict[str, Any]] = {}
-    full = _score(model, model, scored, token_bytes)
+    full = fidelity(model, model, scored, token_bytes)
     rows["full"] = {
         "path": str(src.directory),
         "bytes_disk": src.weight_bytes,
         "bytes_memory": memory_bytes(model),
         **full,
-        "decode_ms_per_token": _decode_ms(cfg, src.directory, "torch"),
+        "decode_ms_per_token": decode_ms(cfg, src.directory, "torch"),
     }
     for variant in cfg.engines():
         rows[variant] = _engine_variant(cfg, ctx, src, model, variant, scored, token_bytes)
@@ -347,7 +348,7 @@ def _quantize(cfg: Config, ctx: ApplyContext) -> Outcome:
     return Outcome(summary=summary, metrics=metrics)
 
 
-def _windows(cfg: Config, seq: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def scored_windows(cfg: Config, seq: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The scored val windows (B, seq + 1) in batches, and the calibration inputs (B, seq) after
     them (the scored ones again where the split is too short for both)."""
     import torch
@@ -369,49 +370,7 @@ def _windows(cfg: Config, seq: int) -> tuple[list[torch.Tensor], list[torch.Tens
     return batches(evaluated), [w[:, :-1] for w in batches(rest[:n_calib])]
 
 
-def _score(
-    full: nn.Module, variant: nn.Module, windows: list[torch.Tensor], token_bytes: np.ndarray
-) -> dict[str, Any]:
-    """Val bits/byte of `variant`, and its mean per-token KL from `full` and top-1 agreement
-    with it, in one pass over the windows."""
-    from albor.evals.perplexity import score_model
-
-    compare = _comparison(full, variant)
-    bpb = score_model(compare, windows, token_bytes).bits_per_byte
-    return {
-        "val_bpb": round(bpb, 6),
-        "kl_mean": round(compare.kl / max(compare.tokens, 1), 8),
-        "top1_agreement": round(compare.agree / max(compare.tokens, 1), 6),
-    }
-
-
-def _comparison(full: nn.Module, variant: nn.Module) -> Any:
-    import torch.nn.functional as F
-    from torch import nn
-
-    class Comparison(nn.Module):
-        """Returns the variant's logits and accumulates, from the same inputs, KL(full ||
-        variant) and top-1 agreement: the scoring pass and the comparison share one forward."""
-
-        def __init__(self, full: nn.Module, variant: nn.Module) -> None:
-            super().__init__()
-            self.full, self.variant = full, variant
-            self.kl, self.agree, self.tokens = 0.0, 0, 0
-
-        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-            theirs: torch.Tensor = self.variant(inputs)
-            ours = self.full(inputs) if self.full is not self.variant else theirs
-            p = F.log_softmax(ours.float(), dim=-1)
-            q = F.log_softmax(theirs.float(), dim=-1)
-            self.kl += float((p.exp() * (p - q)).sum())
-            self.agree += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
-            self.tokens += inputs.numel()
-            return theirs
-
-    return Comparison(full, variant)
-
-
-def _decode_ms(cfg: Config, path: Path, kind: str) -> float:
+def decode_ms(cfg: Config, path: Path, kind: str) -> float:
     """Median decode ms/token of the model at `path` on this CPU (albor.infer.bench)."""
     from albor.infer.bench import BenchSettings, Variant, bench_variant
 
@@ -446,6 +405,7 @@ def _engine_variant(
     scored: list[torch.Tensor],
     token_bytes: np.ndarray,
 ) -> dict[str, Any]:
+    from albor.evals.fidelity import fidelity
     from albor.model.load import load_model
     from albor.model.quantized import Spec, memory_bytes, save_quantized
 
@@ -461,8 +421,8 @@ def _engine_variant(
         "group_size": spec.group_size,
         "bytes_disk": (out / "model.safetensors").stat().st_size,
         "bytes_memory": memory_bytes(loaded),
-        **_score(model, loaded, scored, token_bytes),
-        "decode_ms_per_token": _decode_ms(cfg, out, "torch"),
+        **fidelity(model, loaded, scored, token_bytes),
+        "decode_ms_per_token": decode_ms(cfg, out, "torch"),
     }
     return row
 
@@ -480,6 +440,7 @@ def _gguf_variants(
 ) -> tuple[dict[str, Any], list[str]]:
     from albor.data.shards import TokenIndex
     from albor.evals import parity
+    from albor.evals.fidelity import fidelity
     from albor.model.gguf import quantize_gguf, write_gguf
     from albor.model.gguf_layout import LLAMACPP_TYPES
     from albor.model.load import open_gguf
@@ -514,7 +475,7 @@ def _gguf_variants(
         )
         failures.extend(parity.gguf_failures(qtype, figures))
         with open_gguf(path, n_ctx=seq, n_threads=cfg.threads, logits_all=True) as lm:
-            scores = _score(model, _llama_module(lm), scored, token_bytes)
+            scores = fidelity(model, _llama_module(lm), scored, token_bytes)
         rows[f"gguf-{qtype}"] = {
             "path": path.name,
             **file.to_json(),
@@ -523,7 +484,7 @@ def _gguf_variants(
             "bytes_memory": file.bytes,
             "imatrix": bool(imatrix) and qtype in LLAMACPP_TYPES,
             **scores,
-            "decode_ms_per_token": _decode_ms(cfg, path, "gguf"),
+            "decode_ms_per_token": decode_ms(cfg, path, "gguf"),
             "parity": figures,
         }
         rows[f"gguf-{qtype}"].pop("bytes")
