@@ -118,6 +118,8 @@ def test_schedule_spreads_anchors_over_the_blocks() -> None:
     assert three.at("model.layers.2.mlp.up_proj.weight", 5) == pytest.approx(0.8)
     assert three.at("model.layers.3.mlp.up_proj.weight", 5) == pytest.approx(0.5)
     assert M.Schedule((0.0, 1.0), ()).problems() == []
+    # One block: the first anchor (a gradient needs two blocks to spread over).
+    assert M.Schedule((0.2, 0.8)).at("model.layers.0.mlp.up_proj.weight", 1) == 0.2
     assert (
         "t_rules.mlp: 1.2 outside [0, 1]" in M.Schedule(0.5, (("mlp", (0.0, 1.2)),)).problems()[0]
     )
@@ -190,6 +192,36 @@ def test_task_arithmetic_adds_the_weighted_task_vectors(
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-3)
 
 
+def test_a_base_or_model_of_another_shape_is_refused_even_where_it_would_broadcast() -> None:
+    base, row = torch.zeros(4), torch.ones(1, 4)  # (4,) and (1, 4) broadcast silently in torch
+    calls = {
+        "linear": lambda: M.linear([row, base], [1.0, 1.0]),
+        "slerp": lambda: M.slerp(row, base, 0.5),
+        "task_arithmetic": lambda: M.task_arithmetic(base, [row], [1.0]),
+        "ties": lambda: M.ties(base, [row], [1.0], 1.0),
+        "dare": lambda: M.dare(base, [row], [1.0], 0.5, torch.Generator()),
+    }
+    for call in calls.values():
+        with pytest.raises(ArtifactError, match=r"differ in shape: \[\(1, 4\), \(4,\)\]"):
+            call()
+
+
+def test_schedule_problems_name_the_field_and_the_range() -> None:
+    (problem,) = M.Schedule((1.5, 0.5, -0.5)).problems()
+    assert problem == (
+        "t: 1.5, -0.5 outside [0, 1]: SLERP's t runs from 0 (first model) to 1 (second)"
+    )
+    assert M.Schedule(()).problems() == ["t: no anchors: give a number in [0, 1] or a list of them"]
+
+
+@pytest.mark.parametrize("spec", SELF_SPECS, ids=lambda s: s.method)
+def test_every_method_returns_the_first_models_dtype(spec: M.MergeSpec) -> None:
+    a, b, base = gaussians(3, (2, 8), 5)
+    first, base_ = a.to(torch.bfloat16), base if spec.method in M.BASE_METHODS else None
+    out = M.merge_tensor("model.layers.0.mlp.up_proj.weight", [first, b], spec, base=base_)
+    assert out.dtype == torch.bfloat16
+
+
 def test_merges_compute_in_float32_and_return_the_first_dtype() -> None:
     a = torch.full((4,), 1.0, dtype=torch.bfloat16)
     b = torch.full((4,), 1.0 + 2**-7, dtype=torch.bfloat16)  # the next bfloat16 after 1
@@ -226,6 +258,11 @@ def test_kept_count_reads_the_density_as_written() -> None:
     assert M.kept_count(1 / 3, 3) == 1
     assert M.kept_count(0.5, 7) == 3
     assert M.kept_count(1.0, 5) == 5
+    assert 0.57 * 700_000 < 399_000  # the rounding grows with the product: the bar does too
+    assert M.kept_count(0.57, 700_000) == 399_000
+    assert M.kept_count(0.5, 1) == 0  # a true fraction is floored, not rounded
+    with pytest.raises(ConfigError, match=r"density is 1\.5"):
+        M.ties(torch.zeros(3), [torch.ones(3)], [1.0], 1.5)
     with pytest.raises(ConfigError, match="density is 0"):
         M.magnitude_mask(torch.ones(3), 0.0)
 
@@ -347,6 +384,23 @@ def test_spec_problems_name_the_field_and_the_fix() -> None:
     assert "sum to 0" in M.MergeSpec("linear", weights=(1.0, -1.0)).problems(2, False)[0]
     assert "density: 1.5" in M.MergeSpec("ties", density=1.5).problems(2, True)[0]
     assert M.MergeSpec("dare_ties").problems(2, True) == []
+    assert M.MergeSpec("bogus").problems(2, False) == [  # type: ignore[arg-type]
+        "method: 'bogus' is not one of " + ", ".join(M.METHODS)
+    ]
+    assert M.MergeSpec("linear").problems(1, False) == [
+        "models: a linear merge needs at least two models; 1 given"
+    ]
+    assert M.MergeSpec("task_arithmetic").problems(0, True) == ["models: list at least one model"]
+    assert M.MergeSpec("ties").problems(1, True) == []
+    assert M.MergeSpec("slerp").problems(2, True)[0].endswith("ties, dare_linear or dare_ties")
+    assert M.MergeSpec("linear", weights=(0.25, 0.25)).problems(2, False) == []
+    # t is SLERP's alone; density and drop_p are checked for every method.
+    assert M.MergeSpec("linear", t=M.Schedule(1.5)).problems(2, False) == []
+    assert "t: 1.5 outside" in M.MergeSpec("slerp", t=M.Schedule(1.5)).problems(2, False)[0]
+    assert M.MergeSpec("ties", density=0.0).problems(2, True) == ["density: 0.0 is outside (0, 1]"]
+    assert M.MergeSpec("dare_linear", drop_p=1.0).problems(2, True) == [
+        "drop_p: 1.0 is outside [0, 1)"
+    ]
     with pytest.raises(ConfigError, match="set `base:`"):
         M.merge_state_dicts([{}, {}], M.MergeSpec("ties"))
 

@@ -105,6 +105,11 @@ def test_wanda_with_constant_norms_is_per_row_magnitude(
     assert torch.equal(tp.wanda_mask(w, norms, s), per_row)
 
 
+def test_wanda_refuses_norms_of_another_width() -> None:
+    with pytest.raises(ValueError, match=r"activation norms \(5,\) do not match the weight's 8"):
+        tp.wanda_scores(torch.ones(3, 8), torch.ones(5))
+
+
 def test_wanda_keeps_the_inputs_that_carry_the_activations() -> None:
     w = _weight(6, 8, 0)
     norms = torch.ones(8)
@@ -145,10 +150,15 @@ def test_nm_groups_keep_exactly_n(rows: int, groups: int, nm: tuple[int, int], s
 
 def test_structure_rules() -> None:
     assert tp.Structure.parse("2:4") == tp.Structure(2, 4)
+    assert tp.Structure.parse(" 1 : 4 ") == tp.Structure(1, 4)  # N = 1 is the sparsest allowed
+    assert tp.Structure.parse("3:4") == tp.Structure(3, 4)
     assert tp.Structure(2, 4).sparsity == Fraction(1, 2)
-    for bad in ("4:4", "5:4", "0:4", "2-4"):
-        with pytest.raises(ConfigError, match="structure"):
+    assert str(tp.Structure.parse("1:8")) == "1:8"
+    for bad in ("4:4", "5:4", "0:4"):
+        with pytest.raises(ConfigError, match=r"needs 1 <= N < M \(e\.g\. 2:4\)"):
             tp.Structure.parse(bad)
+    with pytest.raises(ConfigError, match=r"'2-4' is not N:M \(write it as e\.g\. 2:4\)"):
+        tp.Structure.parse("2-4")
     w = _weight(2, 6, 0)
     with pytest.raises(ConfigError, match="multiple of 4"):
         tp.magnitude_mask(w, 0.5, tp.Structure(2, 4))
@@ -198,6 +208,50 @@ def test_only_block_projections_are_pruned() -> None:
     )
 
 
+def test_sparsity_of_counts_the_zeros_written() -> None:
+    state = {"a": torch.tensor([[0.0, 1.0, 2.0, 0.0], [3.0, 0.0, 4.0, 5.0]]), "b": torch.ones(3)}
+    found = tp.sparsity_of(state, ["a", "b"])
+    assert found["a"] == tp.TensorSparsity(zeros=3, numel=8) and found["a"].sparsity == 3 / 8
+    assert found["b"].sparsity == 0.0 and tp.TensorSparsity(0, 0).sparsity == 0.0
+
+
+def test_magnitude_prune_keeps_n_of_every_m_in_every_target() -> None:
+    state = _tiny().state_dict()
+    two_four = tp.Structure(2, 4)
+    out = tp.magnitude_prune(state, 0.5, structure=two_four)
+    for name in tp.target_names(state, tp.DEFAULT_TARGETS):
+        rows, cols = out[name].shape
+        groups = (out[name] == 0).reshape(rows, cols // 4, 4).sum(-1)
+        assert bool((groups == 2).all()), name
+    with pytest.raises(
+        ConfigError, match=r"^structure: N:M is chosen within each group; use scope: per_matrix$"
+    ):
+        tp.magnitude_prune(state, 0.5, scope="global", structure=two_four)
+
+
+def test_magnitude_is_ranked_over_the_whole_matrix_or_over_every_target() -> None:
+    small_row = torch.tensor([[0.1, -0.2, 0.3, 0.4], [5.0, -6.0, 7.0, 8.0]])
+    assert torch.equal(tp.magnitude_mask(small_row, 0.5)[0], torch.ones(4, dtype=torch.bool))
+    assert not tp.magnitude_mask(small_row, 0.5)[1].any()
+    # Globally, a target of small weights loses more than its share: the total is what is exact.
+    up, down = "model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.down_proj.weight"
+    state = {up: small_row, down: small_row / 10}
+    out = tp.magnitude_prune(state, 0.75, scope="global")
+    assert {k: int((v == 0).sum()) for k, v in out.items()} == {up: 4, down: 8}
+    per_matrix = tp.magnitude_prune(state, 0.75)
+    assert {k: int((v == 0).sum()) for k, v in per_matrix.items()} == {up: 6, down: 6}
+
+
+def test_global_ties_at_the_threshold_are_taken_in_order_until_the_count() -> None:
+    weights = {"a": torch.tensor([0.1, 1.0, 1.0, 1.0])}
+    # k = 2: 0.1 and the first of the three tied 1.0s.
+    assert tp.global_magnitude_masks(weights, 0.5)["a"].tolist() == [True, True, False, False]
+    two = {"a": torch.tensor([0.1, 1.0]), "b": torch.tensor([1.0, 2.0])}
+    masks = tp.global_magnitude_masks(two, 0.5)
+    # k = 2: 0.1 and the tie in `a`, the earlier tensor; the tie in `b` stays.
+    assert masks["a"].tolist() == [True, True] and masks["b"].tolist() == [False, False]
+
+
 def _block_norms(model: GPT, block: int, windows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     layers = {
         n: m for n, m in model.model.layers[block].named_modules() if isinstance(m, torch.nn.Linear)
@@ -210,6 +264,18 @@ def _block_norms(model: GPT, block: int, windows: list[torch.Tensor]) -> dict[st
     for h in hooks:
         h.remove()
     return norms
+
+
+def test_the_activation_hook_adds_each_input_features_sum_of_squares() -> None:
+    layer = torch.nn.Linear(3, 2)
+    sq = torch.zeros(3, dtype=torch.float64)
+    hook = layer.register_forward_hook(tp._accumulate(sq))
+    x = torch.tensor([[[1.0, -2.0, 0.5], [3.0, 1.0, -1.0]]])
+    with torch.no_grad():
+        layer(x)
+        layer(-x)  # over calls too: the sums add up
+    hook.remove()
+    assert torch.equal(sq, torch.tensor([20.0, 10.0, 2.5], dtype=torch.float64))
 
 
 def test_wanda_runs_on_pruned_predecessors() -> None:
@@ -271,8 +337,16 @@ def test_angular_distance_bounds() -> None:
 def test_remove_blocks_rejects_impossible_ranges() -> None:
     model = _tiny(layers=3)
     state = model.state_dict()
-    with pytest.raises(ConfigError, match=r"0\.\.2"):
+    with pytest.raises(
+        ConfigError, match=r"blocks: 2\.\.3 is not a range of the model's blocks 0\.\.2"
+    ):
         tp.remove_blocks(state, model.cfg, 2, 2)
+    with pytest.raises(ConfigError, match=r"blocks: -1\.\.-1 is not a range"):
+        tp.remove_blocks(state, model.cfg, -1, 1)
+    # The last block: nothing after it to renumber, nothing of it left.
+    out, cfg = tp.remove_blocks(state, model.cfg, 2, 1)
+    assert cfg.num_layers == 2 and not any(k.startswith("model.layers.2.") for k in out)
+    assert all(torch.equal(out[k], state[k]) for k in out)
     with pytest.raises(ConfigError, match="no model"):
         tp.remove_blocks(state, model.cfg, 0, 3)
     with pytest.raises(ConfigError, match="fewer than"):

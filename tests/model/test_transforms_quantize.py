@@ -129,8 +129,67 @@ def test_int4_linear_equals_linear_on_dequantized_weight(
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kernel", [True, False])
+@pytest.mark.parametrize("lead", SHAPES)
+def test_int4_linear_keeps_a_16_bit_input_dtype_and_takes_no_bias(
+    kernel: bool, lead: tuple[int, int]
+) -> None:
+    g = torch.Generator().manual_seed(3)
+    w, x = torch.randn(32, 64, generator=g), torch.randn(*lead, 64, generator=g)
+    packed, scales, mins = tq.int4_quantize(w, 32)
+    want = F.linear(x, tq.int4_dequantize(packed, scales, mins, 32))
+    weights = tq.int4_kernel_weights(packed, scales, mins) if kernel else None
+    torch.testing.assert_close(
+        tq.int4_linear(x, packed, scales, mins, 32, kernel=weights), want, atol=1e-4, rtol=1e-4
+    )
+    got = tq.int4_linear(x.bfloat16(), packed, scales, mins, 32, kernel=weights)
+    assert got.dtype == torch.bfloat16 and got.shape == (*lead, 32)
+    torch.testing.assert_close(got.float(), want, atol=0.1, rtol=0.05)
+
+
+def test_int8_linear_runs_the_fused_kernel_to_decode_and_dequantizes_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fused kernel for at most FUSED_MAX_ROWS rows of a CPU float32 / bfloat16 / float16
+    input (decoding), the dequantized weight for more rows (prefill) or another dtype; the result
+    is the same linear either way."""
+    rows_seen: list[int] = []
+    fused_kernel = torch._weight_int8pack_mm
+
+    def spy(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        rows_seen.append(x.shape[0])
+        return fused_kernel(x, q, scales)
+
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", spy)
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(16, 64, generator=g)
+    q, scales = tq.int8_quantize(w)
+    cases = [
+        ((tq.FUSED_MAX_ROWS, 64), torch.float32, {}, [tq.FUSED_MAX_ROWS]),
+        ((1, 3, 64), torch.bfloat16, {}, [3]),
+        ((1, 64), torch.float16, {"fused": True}, [1]),
+        ((tq.FUSED_MAX_ROWS + 1, 64), torch.float32, {}, []),
+        ((2, 8, 64), torch.float32, {}, []),
+        ((1, 64), torch.float64, {}, []),
+        ((1, 64), torch.float32, {"fused": False}, []),
+    ]
+    for shape, dtype, kw, want in cases:
+        rows_seen.clear()
+        x = torch.randn(*shape, generator=g).to(dtype)
+        got = tq.int8_linear(x, q, scales, **kw)
+        assert rows_seen == want, (shape, dtype, kw)
+        assert got.dtype == dtype and got.shape == (*shape[:-1], 16)
+        expected = F.linear(x.double(), tq.int8_dequantize(q, scales).double())
+        tol = 1e-4 if dtype in (torch.float32, torch.float64) else 0.1
+        torch.testing.assert_close(got.double(), expected, atol=tol, rtol=tol)
+
+
 def test_group_size_that_does_not_divide_names_the_tensor_and_fix() -> None:
     with pytest.raises(ConfigError, match=r"mlp.down_proj.weight: 176 inputs .* groups of 32"):
         tq.check_group_size(176, 32, "mlp.down_proj.weight")
-    with pytest.raises(ConfigError, match="group_size dividing 176"):
+    with pytest.raises(ConfigError, match=r"^weight: 176 inputs.*group_size dividing 176"):
         tq.int4_quantize(torch.zeros(2, 176), 32)
+    tq.check_group_size(64, 2)  # the smallest group: two values, one byte
+    for bad in (0, -2, 3, 33):
+        with pytest.raises(ConfigError, match=f"group_size {bad} must be a positive even number"):
+            tq.check_group_size(64, bad)

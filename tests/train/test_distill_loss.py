@@ -4,6 +4,7 @@ packed batches of precomputed teacher rows."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,12 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from albor.errors import ConfigError
+from albor.errors import ArtifactError, ConfigError
 from albor.model.gpt import GPT
 from albor.model.presets import preset
 from albor.train.distill import (
     Distill,
     OfflineDistill,
+    TeacherLogitsSampler,
     dense_kd_loss_sum,
     kd_loss_sum,
     pack_offline,
@@ -274,6 +276,50 @@ def test_16_bit_logits_are_scored_in_fp32() -> None:
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def test_a_term_weighted_zero_is_not_computed() -> None:
+    """alpha = 0 never reads the teacher (NaN rows are fine) and alpha = 1 never reads the
+    targets' ids (ids past the vocabulary are fine): each is the other term alone."""
+    gen = torch.Generator().manual_seed(8)
+    z, t = randn(gen, 4, 9, scale=2), randn(gen, 4, 9, scale=2)
+    y = torch.randint(0, 9, (4,), generator=gen)
+    ids, lp = topk_teacher(t, 5, 2.0)
+    ce = F.cross_entropy(z, y, reduction="sum")
+    nan = torch.full_like(lp, float("nan"))
+    torch.testing.assert_close(kd_loss_sum(z, ids, nan, y, temperature=2.0, alpha=0.0)[0], ce)
+    torch.testing.assert_close(
+        dense_kd_loss_sum(z, torch.full_like(t, float("nan")), y, temperature=2.0, alpha=0.0)[0],
+        ce,
+    )
+    far = y + 100
+    kl_only, _ = kd_loss_sum(z, ids, lp, y, temperature=2.0, alpha=1.0)
+    torch.testing.assert_close(kd_loss_sum(z, ids, lp, far, temperature=2.0, alpha=1.0)[0], kl_only)
+    dense_kl, _ = dense_kd_loss_sum(z, t, y, temperature=2.0, alpha=1.0)
+    torch.testing.assert_close(
+        dense_kd_loss_sum(z, t, far, temperature=2.0, alpha=1.0)[0], dense_kl
+    )
+
+
+def test_16_bit_teacher_logits_are_scored_in_the_students_precision() -> None:
+    gen = torch.Generator().manual_seed(9)
+    z = randn(gen, 5, 300, scale=4).float()
+    t = randn(gen, 5, 300, scale=4).to(torch.bfloat16)
+    y = torch.randint(0, 300, (5,), generator=gen)
+    got, _ = dense_kd_loss_sum(z, t, y, temperature=2.0, alpha=0.5)
+    want, _ = dense_kd_loss_sum(z, t.float(), y, temperature=2.0, alpha=0.5)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_topk_teacher_normalises_each_row_on_its_own_scale() -> None:
+    """Rows hundreds of nats apart, at a low temperature: each row's log-probabilities are its
+    own softmax's, finite, never overflowing or underflowing against another row's scale."""
+    logits = torch.stack([torch.linspace(0, 1, 50), torch.linspace(0, 1, 50) + 80.0])
+    for dtype in (torch.bfloat16, torch.float32):
+        ids, lp = topk_teacher(logits.to(dtype), 4, 0.2)
+        assert torch.isfinite(lp).all()
+        want = torch.log_softmax(logits.to(dtype).double() / 0.2, -1).gather(-1, ids)
+        torch.testing.assert_close(lp.double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_settings_are_config_errors_that_name_the_setting() -> None:
     z, y = torch.zeros(2, 5), torch.zeros(2, dtype=torch.long)
     with pytest.raises(ConfigError, match="temperature"):
@@ -282,8 +328,16 @@ def test_bad_settings_are_config_errors_that_name_the_setting() -> None:
         dense_kd_loss_sum(z, z, y, temperature=1.0, alpha=1.5)
     with pytest.raises(ConfigError, match="top-k of 6"):
         topk_teacher(z, 6, 1.0)
-    with pytest.raises(ValueError, match="row for row"):
+    with pytest.raises(ValueError, match=r"\(3,\) or teacher arrays \(\(2, 5\)\).*row for row"):
         dense_kd_loss_sum(z, z, torch.zeros(3, dtype=torch.long), temperature=1.0, alpha=0.5)
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"\(2, 3\) and log-probabilities \(2, 4\) differ"):
+        kd_loss_sum(z, ids, torch.zeros(2, 4), y, temperature=1.0, alpha=0.5)
+    with pytest.raises(ValueError, match=r"\(2, 6\) and student logits \(2, 5\) differ"):
+        dense_kd_loss_sum(z, torch.zeros(2, 6), y, temperature=1.0, alpha=0.5)
+    for loss, teacher in ((kd_loss_sum, (ids, torch.zeros(2, 3))), (dense_kd_loss_sum, (z,))):
+        with pytest.raises(ConfigError, match="chunk_rows is 0"):
+            loss(z, *teacher, y, temperature=1.0, alpha=0.5, chunk_rows=0)  # type: ignore[operator]
 
 
 def tiny(seed: int, **overrides: int) -> GPT:
@@ -344,11 +398,16 @@ def test_distill_aligns_the_teacher_with_the_next_token() -> None:
         torch.testing.assert_close(
             masked.loss_sum(student, pairs), NextToken(ignore_index=-1).loss_sum(student, pairs)
         )
+        # The whole distribution (no top_k) skips the same positions.
+        dense = Distill(NextOf(512), temperature=1.0, alpha=1.0, ignore_index=-1)
+        torch.testing.assert_close(
+            dense.loss_sum(student, pairs), NextToken(ignore_index=-1).loss_sum(student, pairs)
+        )
 
 
 def test_distill_refuses_a_teacher_of_another_vocabulary() -> None:
     objective = Distill(tiny(1, vocab_size=640), temperature=2.0, alpha=0.5)
-    with pytest.raises(ConfigError, match=r"640 tokens.*512"):
+    with pytest.raises(ConfigError, match=r"640 tokens.*512.*with the teacher's tokenizer"):
         objective.loss_sum(tiny(2), torch.randint(0, 512, (1, 9)))
 
 
@@ -357,6 +416,8 @@ def test_distill_settings_are_checked_when_built() -> None:
         Distill(tiny(1), top_k=0)
     with pytest.raises(ConfigError, match="alpha"):
         Distill(tiny(1), alpha=-0.1)
+    with pytest.raises(ConfigError, match="chunk_rows is 0"):
+        Distill(tiny(1), chunk_rows=0)
 
 
 @settings(max_examples=40, deadline=None)
@@ -448,5 +509,73 @@ def test_offline_rows_are_aligned_with_the_next_token() -> None:
 def test_offline_settings_are_checked_when_built() -> None:
     with pytest.raises(ConfigError, match="temperature"):
         OfflineDistill(temperature=0.0)
+    with pytest.raises(ConfigError, match="chunk_rows is 0"):
+        OfflineDistill(chunk_rows=0)
     with pytest.raises(ValueError, match=r"\(B, 1 \+ 2k, T \+ 1\)"):
         OfflineDistill().loss_sum(tiny(1), torch.zeros(2, 4, 9, dtype=torch.int64))
+    # Not (B, 1 + 2k, T + 1): plain windows, and a batch without teacher rows.
+    for shape in [(2, 9), (2, 1, 9), (1, 2, 3, 9)]:
+        with pytest.raises(ValueError, match=r"\(B, 1 \+ 2k, T \+ 1\)"):
+            unpack_offline(torch.zeros(shape, dtype=torch.int64))
+
+
+def test_packing_stores_log_probabilities_in_fp16_whatever_float_they_come_in() -> None:
+    gen = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, 512, (2, 6), generator=gen).numpy()
+    ids = torch.randint(0, 512, (2, 5, 3), generator=gen).numpy()
+    wide = (-torch.rand(2, 5, 3, generator=gen, dtype=torch.float64) * 20).numpy()
+    for given_as in (wide, wide.astype(np.float32)):
+        lps = unpack_offline(pack_offline(tokens, ids, given_as))[3]
+        assert torch.equal(lps, torch.from_numpy(wide.astype(np.float16)))
+
+
+def test_teacher_logits_sampler_pairs_each_window_with_its_rows() -> None:
+    """Hermetic shards whose tokens say where they are and rows that say which window and
+    token they describe: every drawn row is an aligned window with that window's rows, row t
+    the teacher's for token t + 1, as a function of (seed, step, micro)."""
+    seq, k = 4, 3
+    lengths = [23, 3, 10]  # 5, 0 and 2 aligned windows of 5 tokens
+    shards = [1000 * s + np.arange(n, dtype=np.int64) for s, n in enumerate(lengths)]
+    logits: list[tuple[np.ndarray, np.ndarray] | None] = []
+    for s, shard in enumerate(shards):
+        n = (len(shard) - 1) // seq
+        if n == 0:
+            logits.append(None)
+            continue
+        nxt = np.stack([shard[w * seq + 1 : w * seq + seq + 1] for w in range(n)])
+        ids = nxt[..., None] * 10 + np.arange(k)  # (n, seq, k): rank j of token t + 1
+        lps = -np.broadcast_to((100 * s + np.arange(n))[:, None, None], (n, seq, k))
+        logits.append((ids, lps.astype(np.float16)))
+    sampler = TeacherLogitsSampler(shards, logits, seq, seed=5)
+    assert sampler.tokens == (5 + 0 + 2) * seq
+    batch = sampler.batch(3, 1, 16)
+    assert batch.shape == (16, 1 + 2 * k, seq + 1)
+    assert torch.equal(batch, sampler.batch(3, 1, 16))
+    assert not torch.equal(batch, sampler.batch(4, 1, 16))
+    inputs, targets, ids, lps = unpack_offline(batch)
+    drawn = set()
+    for row in range(16):
+        shard, start = divmod(int(inputs[row, 0]), 1000)
+        window = start // seq
+        assert start % seq == 0 and window < (lengths[shard] - 1) // seq
+        drawn.add((shard, window))
+        want = torch.from_numpy(shards[shard][start : start + seq + 1])
+        assert torch.equal(inputs[row], want[:-1]) and torch.equal(targets[row], want[1:])
+        assert torch.equal(ids[row], targets[row][:, None] * 10 + torch.arange(k))
+        assert bool((lps[row] == -(100 * shard + window)).all())
+    assert {s for s, _ in drawn} == {0, 2}  # both shards with windows, never the empty one
+
+
+def test_teacher_logits_sampler_refuses_rows_of_other_data() -> None:
+    shards = [np.arange(21, dtype=np.int64), np.arange(9, dtype=np.int64)]  # 5 and 2 windows
+    rows = [
+        (np.zeros((5, 4, 2), dtype=np.int64), np.zeros((5, 4, 2), dtype=np.float16)),
+        (np.zeros((2, 4, 2), dtype=np.int64), np.zeros((2, 4, 2), dtype=np.float16)),
+    ]
+    TeacherLogitsSampler(shards, rows, 4, seed=0)
+    with pytest.raises(ArtifactError, match="2 train shards and the teacher logits 1"):
+        TeacherLogitsSampler(shards, rows[:1], 4, seed=0)
+    with pytest.raises(ArtifactError, match="shard 1 holds 2 windows of 5 tokens but its teacher"):
+        TeacherLogitsSampler(shards, [rows[0], rows[0]], 4, seed=0)
+    with pytest.raises(ArtifactError, match="shard 0 holds 5 windows of 5 tokens but its teacher"):
+        TeacherLogitsSampler(shards, [None, rows[1]], 4, seed=0)
