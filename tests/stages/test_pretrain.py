@@ -22,6 +22,7 @@ from albor.model.estimate import format_bytes, memory_budget
 from albor.stage import PlanContext, load_stage, run_stage
 from albor.stages import pretrain
 from albor.train import checkpoint, objectives
+from albor.train.loop import prefetches
 from albor.train.objectives import NextToken
 from albor.train.settings import model_config
 from helpers import crash_at_20_and_resume, pretrain_config, run
@@ -85,7 +86,10 @@ def test_grad_clip_cannot_be_disabled(token_data: Path, tmp_path: Path) -> None:
 def test_speed_options_default_to_plain_fp32() -> None:
     cfg = pretrain.Config()
     assert cfg.precision == "fp32" and not cfg.compile and not cfg.activation_checkpointing
-    assert cfg.prefetch
+    # The batch thread only where the compute is elsewhere: on a CPU it takes the cores' cycles.
+    assert cfg.prefetch == "auto"
+    assert not prefetches(cfg, torch.device("cpu")) and prefetches(cfg, torch.device("cuda"))
+    assert prefetches(cfg.model_copy(update={"prefetch": True}), torch.device("cpu"))
 
 
 def test_plan_memory_follows_precision_and_activation_checkpointing(

@@ -77,6 +77,11 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
+def prefetches(s: TrainSettings, device: torch.device) -> bool:
+    """`prefetch`, with auto resolved: a thread only where the compute is not on the CPU."""
+    return s.prefetch if isinstance(s.prefetch, bool) else device.type != "cpu"
+
+
 def train(
     model: GPT,
     optimizer: torch.optim.Optimizer,
@@ -119,7 +124,7 @@ def train(
     with (
         monitor.metrics_file(run_dir) as out,
         _StopSignals() as stop,
-        Prefetcher(session.batches, s.max_steps, enabled=s.prefetch) as prefetch,
+        Prefetcher(session.batches, s.max_steps, enabled=prefetches(s, device)) as prefetch,
         monitor.bar(label, s, st) as bar,
     ):
         if resumed.path is not None or resumed.warnings:
