@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,14 @@ def test_plan_apply_skip_and_rerun_on_change(tmp_path: Path) -> None:
     events = apply_pipeline(pipe)
     assert [e.status for e in events if e.status != "start"] == ["ran", "ran", "ran"]
     assert (tmp_path / "work" / "b" / "train.parquet").exists()
+    # The DAG as applied, for a report over the workdir to know what was expected.
+    layout = json.loads((tmp_path / "work" / "pipeline.json").read_text())
+    assert layout["stages"] == [
+        {"name": "a", "uses": "fake", "needs": []},
+        {"name": "b", "uses": "split", "needs": ["a"]},
+        {"name": "c", "uses": "fake", "needs": ["a"]},
+    ]
+    assert layout["source"] == str(path)
     again = apply_pipeline(load_pipeline(path))
     assert [e.status for e in again if e.status != "start"] == ["up to date"] * 3
     assert [s.run for s in plan_pipeline(load_pipeline(path)).stages] == [False, False, False]
@@ -126,7 +135,9 @@ def test_set_override_must_name_a_stage(tmp_path: Path) -> None:
 
 def test_default_manifest_loads_and_plans() -> None:
     pipe = load_pipeline(None, workdir=Path("/nonexistent-albor-workdir"))
-    assert pipe.order == [
+    # The ladder: every stage of the specification, the report and the folders last.
+    kinds = {n: pipe.nodes[n].kind for n in pipe.order}
+    assert set(kinds.values()) == {
         "ingest",
         "clean",
         "dedup",
@@ -135,10 +146,46 @@ def test_default_manifest_loads_and_plans() -> None:
         "tokenizer",
         "tokenize",
         "pretrain",
+        "distill",
+        "pairs",
+        "finetune",
+        "merge",
+        "prune",
+        "quantize",
         "evaluate",
         "export",
-        "quantize",
-    ]
+        "report",
+        "publish",
+    }
+    assert pipe.order[-2:] == ["report", "publish"]
+    evaluated = set()
+    for n in pipe.order:
+        if kinds[n] == "evaluate":
+            variant = getattr(pipe.nodes[n].config, "variant", None)
+            evaluated.add(pipe.nodes[n].upstream["model"][0] + (f"/{variant}" if variant else ""))
+    assert evaluated == {
+        "teacher",
+        "base",
+        "distill",
+        "instruct",
+        "merged",
+        "pruned",
+        "quantize/int8",
+        "quantize/int4",
+    }
+    # base and distill: the same student, the same steps and tokens (FALSIFY-ALBOR-005).
+    base, distill = (pipe.nodes[n].config for n in ("base", "distill"))
+    for key in ("architecture", "max_steps", "micro_batch", "seq_len", "seed"):
+        assert getattr(base, key) == getattr(distill, key), key
+
+
+def test_the_smoke_ladder_has_the_default_ladders_stages() -> None:
+    default = load_pipeline(None, workdir=Path("/nonexistent-albor-workdir"))
+    smoke = load_pipeline("smoke", workdir=Path("/nonexistent-albor-workdir"))
+    assert smoke.order == default.order
+    assert {n: smoke.nodes[n].upstream for n in smoke.order} == {
+        n: default.nodes[n].upstream for n in default.order
+    }
 
 
 def test_a_list_input_needs_several_stages(tmp_path: Path) -> None:

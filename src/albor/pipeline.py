@@ -37,6 +37,9 @@ from albor.stage import (
 )
 
 STATE_FILE = ".albor-pipeline.json"
+# The DAG as applied (name, description, each stage's type and upstream stages in order), so that
+# a report over the workdir knows which stages were expected, including those that never ran.
+LAYOUT_FILE = "pipeline.json"
 DEFAULT_MANIFEST = "default"
 
 
@@ -173,13 +176,26 @@ def load_pipeline(
         nodes[name] = Node(name, spec.uses, module, config, upstream)
     sorter = graphlib.TopologicalSorter({n: node.needs() for n, node in nodes.items()})
     try:
-        order = list(sorter.static_order())
+        sorter.prepare()
     except graphlib.CycleError as e:
         cycle = " -> ".join(e.args[1])
         raise ConfigError(
             f"{path}: stages form a cycle: {cycle} (remove one of the needs)"
         ) from None
-    return Pipeline(manifest, str(path), nodes, order)
+    return Pipeline(manifest, str(path), nodes, _declared_order(nodes))
+
+
+def _declared_order(nodes: dict[str, Node]) -> list[str]:
+    """A topological order that keeps the manifest's order wherever the needs allow: each
+    time, the first declared stage whose upstream stages have all been placed (so plans and
+    runs read as the manifest is written)."""
+    order: list[str] = []
+    placed: set[str] = set()
+    while len(order) < len(nodes):
+        name = next(n for n in nodes if n not in placed and nodes[n].needs() <= placed)
+        order.append(name)
+        placed.add(name)
+    return order
 
 
 def _is_list_field(module: ModuleType, field: str) -> bool:
@@ -390,6 +406,25 @@ def preflight(
     return pp
 
 
+def write_layout(pipe: Pipeline) -> None:
+    atomic_write_json(
+        pipe.workdir / LAYOUT_FILE,
+        {
+            "name": pipe.manifest.name,
+            "description": pipe.manifest.description,
+            "source": pipe.source,
+            "stages": [
+                {
+                    "name": n,
+                    "uses": pipe.nodes[n].kind,
+                    "needs": sorted(pipe.nodes[n].needs(), key=pipe.order.index),
+                }
+                for n in pipe.order
+            ],
+        },
+    )
+
+
 def read_state(workdir: Path) -> dict[str, dict[str, Any]]:
     path = workdir / STATE_FILE
     try:
@@ -430,6 +465,7 @@ def apply_pipeline(
     selected, forced = _selection(pipe, only, start)
     preflight(pipe, only=only, start=start, force=force)
     pipe.workdir.mkdir(parents=True, exist_ok=True)
+    write_layout(pipe)
     events: list[StageEvent] = []
 
     def emit(ev: StageEvent) -> None:

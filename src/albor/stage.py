@@ -75,6 +75,8 @@ REGISTRY: dict[str, str] = {
     "quantize": "albor.stages.quantize",
     "evaluate": "albor.stages.evaluate",
     "export": "albor.stages.export",
+    "report": "albor.stages.report",
+    "publish": "albor.stages.publish",
 }
 
 # One line per stage type for `albor --help`; the only copy (a stage module carries none), kept
@@ -108,6 +110,10 @@ DESCRIPTIONS: dict[str, str] = {
     "evaluate": "Perplexity, pairs bits/byte, HumanEval pass@k and infilling in a sandbox, "
     "custom benchmarks.",
     "export": "Export a checkpoint as an HF dir and GGUF F16 / BF16; check token and top-1 parity.",
+    "report": "Write the ladder's report: one HTML page, a Markdown model card and PNG plots "
+    "(loss curves, variants, quality against latency, data funnel, provenance, contracts).",
+    "publish": "Make a Hub-ready folder per model variant (weights, tokenizer, GGUF, model card); "
+    "upload it with huggingface_hub when a token is configured.",
 }
 
 

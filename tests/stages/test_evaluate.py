@@ -368,3 +368,63 @@ def test_pairs_after_finetune_lower_than_base(
     assert tuned["tokens"] == trained["val_tokens"]
     assert math.isclose(tuned["bits_per_byte"], trained["val_bpb"], rel_tol=1e-4)
     assert math.isclose(tuned["loss"], trained["val_loss"], rel_tol=1e-4)
+
+
+def test_a_quantize_variant_is_evaluated_with_speed(
+    trained_model: Path, token_data: Path, tmp_path: Path
+) -> None:
+    """`variant` picks a model inside the `model` artifact (quantize's int8 dir): it scores
+    close to the full model, and `speed` times both with the same code."""
+    from albor.stages import quantize
+
+    q = tmp_path / "quantize"
+    data = token_data
+    run_stage(
+        quantize,
+        quantize.Config.model_validate(
+            {
+                "model": trained_model,
+                "data": data,
+                "output": q,
+                "variants": ["int8"],
+                "eval_tokens": 2048,
+                "seq_len": 64,
+                "threads": 1,
+                "bench_prompt_tokens": 16,
+                "bench_new_tokens": 4,
+                "bench_repeats": 1,
+            }
+        ),
+    )
+    tasks = [
+        {"task": "perplexity", "seq_len": 64, "max_tokens": 2048},
+        {"task": "speed", "prompt_tokens": 16, "new_tokens": 4, "repeats": 2, "threads": 1},
+    ]
+    found = {}
+    for name, model, variant in (("full", trained_model, None), ("int8", q, "int8")):
+        cfg = evaluate.Config.model_validate(
+            {
+                "model": model,
+                "variant": variant,
+                "data": data,
+                "output": tmp_path / f"eval-{name}",
+                "tasks": tasks,
+            }
+        )
+        assert evaluate.plan(cfg).ok
+        found[name] = run_stage(load_stage("evaluate"), cfg).manifest["metrics"]
+    full, int8 = found["full"], found["int8"]
+    assert abs(int8["perplexity"]["bits_per_byte"] / full["perplexity"]["bits_per_byte"] - 1) < 0.01
+    for m in (full, int8):
+        speed = m["speed"]
+        assert 0 < speed["decode_ms_per_token"] <= speed["decode_ms_per_token_p95"]
+        assert speed["device"] == "cpu" and speed["weights_bytes"] > 0
+    # int8 weights take about a quarter of fp32's bytes on disk (plus scales and embeddings).
+    assert int8["speed"]["weights_bytes"] < full["speed"]["weights_bytes"]
+
+    missing = evaluate.Config.model_validate(
+        {"model": q, "variant": "int4", "data": data, "output": tmp_path / "x", "tasks": tasks}
+    )
+    assert [c.name for c in evaluate.plan(missing).failures] == ["model"]
+    with pytest.raises(ValidationError, match="name one directory inside"):
+        evaluate.Config.model_validate({"model": q, "variant": "../int8", "tasks": tasks})

@@ -56,7 +56,7 @@ def test_plan_estimates(token_data: Path, tmp_path: Path) -> None:
     ("overrides", "check", "fix"),
     [
         ({"warmup_steps": 30}, "warmup", "use a warmup of about"),
-        ({"architecture": {"vocab_size": 1000}}, "vocab", "architecture.vocab_size: 512"),
+        ({"architecture": {"vocab_size": 300}}, "vocab", "architecture.vocab_size: 512"),
         ({"architecture": {"num_heads": 3}}, "architecture", "not divisible by num_heads 3"),
         ({"architecture": {"num_kv_heads": 3}}, "architecture", "num_kv_heads"),
         ({"seq_len": 256}, "sequence length", "exceeds the context 128"),
@@ -70,6 +70,16 @@ def test_plan_rejects_with_fix(
     assert not p.ok
     failing = {c.name: c.detail for c in p.failures}
     assert check in failing and fix in failing[check], failing
+
+
+def test_an_embedding_wider_than_the_tokenizer_is_padding(token_data: Path, tmp_path: Path) -> None:
+    """As an adopted tokenizer's model pads its vocabulary (Qwen2.5: 151,665 ids, 151,936 rows),
+    a model may have more rows than the tokenizer has ids, never fewer."""
+    p = pretrain.plan(tiny(token_data, tmp_path / "out", architecture={"vocab_size": 640}))
+    assert p.ok, p.failures
+    assert {c.name: c.detail for c in p.checks}["vocab"] == (
+        "tokenizer 512 ids, model 640 (128 rows of padding)"
+    )
 
 
 def test_plan_rejects_missing_data(tmp_path: Path) -> None:

@@ -579,3 +579,37 @@ def test_teacher_logits_sampler_refuses_rows_of_other_data() -> None:
         TeacherLogitsSampler(shards, [rows[0], rows[0]], 4, seed=0)
     with pytest.raises(ArtifactError, match="shard 0 holds 5 windows of 5 tokens but its teacher"):
         TeacherLogitsSampler(shards, [None, rows[1]], 4, seed=0)
+
+
+class Broken(NextOf):
+    """The oracle with one position's logits NaN, as a diverged teacher would give."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = super().forward(input_ids)
+        out[0, 3] = float("nan")
+        return out
+
+
+def test_the_online_teacher_rows_are_checked_as_they_come() -> None:
+    """FALSIFY-ALBOR-006 for an online teacher: every top-k row it computes is counted, its
+    largest probability mass kept (at most 1 for a sound teacher), and non-finite rows counted."""
+    student = tiny(4)
+    windows = (torch.arange(17) + torch.tensor([[0], [100]])) % 512
+    sound = Distill(NextOf(512), temperature=1.0, alpha=0.5, top_k=8)
+    assert sound.integrity() == {
+        "rows_checked": 0,
+        "max_row_mass": None,
+        "nonfinite_rows": 0,
+        "top_k": 8,
+    }
+    with torch.no_grad():
+        sound.loss_sum(student, windows)
+        sound.loss_sum(student, windows)
+    rows = sound.integrity()
+    assert rows["rows_checked"] == 2 * 2 * 16 and rows["nonfinite_rows"] == 0
+    assert 0.999 < rows["max_row_mass"] <= 1 + 1e-6
+    broken = Distill(Broken(512), temperature=1.0, alpha=0.5, top_k=8)
+    with torch.no_grad():
+        broken.loss_sum(student, windows)
+    assert broken.integrity()["nonfinite_rows"] == 1
+    assert broken.integrity()["max_row_mass"] is None  # NaN, which JSON cannot hold

@@ -31,6 +31,7 @@ from albor.cli.data import data_group, recipes_cmd
 from albor.cli.evals import eval_group
 from albor.cli.infer import bench_cmd, complete_cmd, serve_cmd
 from albor.cli.pipeline import pipeline_group
+from albor.cli.report import report_group
 from albor.cli.stages import stage_group
 from albor.cli.track import monitor_cmd, runs_group
 from albor.errors import AlborError, PlanFailed
@@ -47,8 +48,9 @@ def cli(verbose: bool) -> None:
 
     Every stage has `plan` (validate and estimate; writes nothing) and `apply` (do it; skipped when
     up to date). `albor pipeline apply` runs the packaged default ladder on the Python standard
-    library: ingest -> clean -> dedup -> decontaminate -> split -> tokenizer -> tokenize ->
-    pretrain -> evaluate -> export.
+    library: data -> tokenizer -> teacher and base pretraining -> distill -> LoRA instruct ->
+    merge -> prune -> quantize -> every variant evaluated -> export -> report -> publish
+    (`albor pipeline plan` shows it; `albor report WORKDIR` writes the report of any workdir).
     """
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
@@ -58,7 +60,8 @@ def cli(verbose: bool) -> None:
 
 
 for _kind in [*REGISTRY, *ALIASES]:
-    cli.add_command(stage_group(_kind))
+    # `report` also takes a workdir: `albor report WORKDIR` beside its stage commands.
+    cli.add_command(report_group() if _kind == "report" else stage_group(_kind))
 cli.add_command(pipeline_group)
 cli.add_command(recipes_cmd)
 cli.add_command(data_group)

@@ -40,7 +40,7 @@ def resolve_stage_config(
     module = load_stage(kind)
     path = resolve_path(config)
     data = read_yaml(path)
-    if "stages" not in data:
+    if not isinstance(data.get("stages"), dict):
         if stage_name:
             raise ConfigError(f"--stage {stage_name}: {path} is a stage config, not a pipeline")
         return module, load_config(module.Config, path, overrides), kind, PlanContext()

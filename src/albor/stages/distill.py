@@ -245,4 +245,7 @@ def apply(cfg: Config, ctx: ApplyContext) -> Outcome:
     data = TokenData.open(cfg.data, setup.seq_len, cfg.seed)
     teacher = load_teacher(cfg.teacher, setup.device, setup.precision)
     online = Distill(teacher, temperature=cfg.temperature, alpha=cfg.alpha, top_k=cfg.top_k)
-    return run(cfg, setup, data, ctx, stage=NAME, config=config, objective=online)
+    outcome = run(cfg, setup, data, ctx, stage=NAME, config=config, objective=online)
+    # The rows of this process's steps (a resumed run's figures cover the steps since resuming).
+    outcome.metrics["teacher_rows"] = online.integrity()
+    return outcome

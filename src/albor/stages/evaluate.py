@@ -1,5 +1,7 @@
 """evaluate: measure a checkpoint: perplexity, HumanEval pass@k, HumanEval infilling, custom code
-benchmarks, bits per byte of bodies given their docstrings, and benchmark contamination of a corpus.
+benchmarks, bits per byte of bodies given their docstrings, decode speed, and benchmark
+contamination of a corpus. The checkpoint is `model` (any stage that writes one), or with
+`variant` a model inside it (a quantize stage's int8 or int4 dir).
 
 Two forms of config:
 - flat (what the default pipeline uses): `model`, `data`, `split`, ... score perplexity and bits
@@ -10,7 +12,8 @@ Two forms of config:
   and the classes below): `perplexity` (token shards of `data`, or `text:` files),
   `humaneval`, `custom` (a JSONL benchmark: prompt, test, entry_point), `humaneval-infill`,
   `pairs` (bits per byte of each body given its signature and docstring, on a split of the
-  `pairs` artifact), `contamination` (n-gram overlap of a corpus with benchmarks). metrics.json
+  `pairs` artifact), `speed` (decode ms/token and time to first token on this machine),
+  `contamination` (n-gram overlap of a corpus with benchmarks). metrics.json
   maps each task's `name` (default: its type) to its metrics, and each task writes its JSONL
   files beside it: NAME.completions.jsonl + NAME.results.jsonl (humaneval, custom), NAME.jsonl
   (infill, contamination).
@@ -43,11 +46,13 @@ from albor.evals.tasks import (
     contamination,
     pairs,
     perplexity,
+    speed,
 )
 from albor.evals.tasks.code import CustomTask, HumanEvalTask, InfillTask
 from albor.evals.tasks.contamination import ContaminationTask
 from albor.evals.tasks.pairs import PairsTask
 from albor.evals.tasks.perplexity import PerplexityTask
+from albor.evals.tasks.speed import SpeedTask
 from albor.plan import Plan
 from albor.stage import ApplyContext, Outcome, OutputConfig, PlanContext, check_input
 
@@ -55,7 +60,13 @@ NAME = "evaluate"
 INPUTS = ("model", "data", "pairs")
 
 Task = Annotated[
-    PerplexityTask | HumanEvalTask | CustomTask | InfillTask | ContaminationTask | PairsTask,
+    PerplexityTask
+    | HumanEvalTask
+    | CustomTask
+    | InfillTask
+    | ContaminationTask
+    | PairsTask
+    | SpeedTask,
     Field(discriminator="task"),
 ]
 # The module that plans and runs each task type.
@@ -66,15 +77,23 @@ MODULES: dict[str, ModuleType] = {
     "humaneval-infill": code,
     "contamination": contamination,
     "pairs": pairs,
+    "speed": speed,
 }
-MODEL_TASKS = ("perplexity", "humaneval", "custom", "humaneval-infill", "pairs")
+MODEL_TASKS = ("perplexity", "humaneval", "custom", "humaneval-infill", "pairs", "speed")
 # Tasks whose estimates add up to the plan's totals of generations, sandbox runs and time.
 COSTED_TASKS = ("humaneval", "custom", "humaneval-infill", "contamination")
 
 
 class Config(OutputConfig):
     model: Path | None = Field(
-        None, description="Checkpoint directory (pretrain or finetune output)."
+        None,
+        description="Checkpoint directory (the output of pretrain, distill, finetune, merge, "
+        "prune), or a quantize artifact with `variant`.",
+    )
+    variant: str | None = Field(
+        None,
+        description="A model inside the `model` artifact: a quantize stage's `int8` or `int4` "
+        "dir (its GGUF files are measured by the quantize stage itself).",
     )
     data: Path | None = Field(None, description="Token shard artifact directory (tokenize output).")
     pairs: Path | None = Field(
@@ -88,7 +107,7 @@ class Config(OutputConfig):
     tasks: list[Task] | None = Field(
         None,
         description="Tasks to run, each {task: perplexity|humaneval|custom|humaneval-infill|"
-        "pairs|contamination, ...}; unset: perplexity of `split` (the flat form).",
+        "pairs|speed|contamination, ...}; unset: perplexity of `split` (the flat form).",
     )
     workers: Int | None = Field(
         None, gt=0, description="Sandboxed runs at a time; default: the number of cores."
@@ -114,6 +133,21 @@ class Config(OutputConfig):
             ]
             object.__setattr__(self, "tasks", tasks)  # assignment would validate again, forever
         return self
+
+    @model_validator(mode="after")
+    def _variant(self) -> Config:
+        v = self.variant
+        if v is not None and (not v or v in (".", "..") or "/" in v or "\\" in v):
+            raise ValueError(
+                f"variant {v!r}: name one directory inside the `model` artifact, e.g. int8"
+            )
+        return self
+
+    def model_dir(self) -> Path | None:
+        """The checkpoint the model tasks read: `model`, or its `variant` inside it."""
+        if self.model is None or self.variant is None:
+            return self.model
+        return self.model / self.variant
 
     @model_validator(mode="after")
     def _distinct_names(self) -> Config:
@@ -173,7 +207,7 @@ def source_state(cfg: Config) -> dict[str, str] | None:
 
 
 def inputs(cfg: Config) -> Inputs:
-    return Inputs(cfg.model, cfg.data, cfg.pairs, cfg.device, cfg.workers, cfg.tasks is None)
+    return Inputs(cfg.model_dir(), cfg.data, cfg.pairs, cfg.device, cfg.workers, cfg.tasks is None)
 
 
 def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
@@ -186,9 +220,10 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
     mc = None
     device = "cpu"
     if any(t.task in MODEL_TASKS for t in tasks):
-        mc = check_input(p, ctx, "model", cfg.model, load_config, "a checkpoint directory")
+        model = cfg.model_dir()
+        mc = check_input(p, ctx, "model", model, load_config, "a checkpoint directory")
         if mc is not None:
-            p.add("model", "ok", f"{cfg.model}: {param_count(mc):,} parameters")
+            p.add("model", "ok", f"{model}: {param_count(mc):,} parameters")
         try:
             device = resolve_device(cfg.device)
             p.add("device", "ok", f"{cfg.device}: runs on {device}")

@@ -15,7 +15,9 @@ tensor, not every model at once. The artifact is a checkpoint dir as pretrain wr
 config.json, model.safetensors and the first model's tokenizer files (and generation_config.json
 when it has one); it loads with transformers' AutoModelForCausalLM and with `albor complete`.
 A tied lm_head stays tied: the embedding is merged once and the head shares it. The manifest's
-metrics record the method and every parameter it used.
+metrics record the method and every parameter it used, and for SLERP each tensor's endpoint
+cosine and norm ratio ||merged|| / max(||a||, ||b||) (`slerp_norms`: the evidence that the
+report's FALSIFY-ALBOR-007 is decided on).
 """
 
 from __future__ import annotations
@@ -387,6 +389,44 @@ class _Weights:
         return tensor
 
 
+class SlerpNorms:
+    """The evidence of SLERP's norm bound (FALSIFY-ALBOR-007), tensor by tensor: the cosine of
+    the endpoints and ||merged|| / max(||a||, ||b||), measured on the merged tensor as written
+    (in the output dtype), against `albor.evals.contracts.slerp_norm_bound`."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, dict[str, float]] = {}
+
+    def add(self, name: str, a: torch.Tensor, b: torch.Tensor, merged: torch.Tensor) -> None:
+        # float64: a float32 sum of squares of a large tensor loses the digits the bound is
+        # judged on.
+        x, y = a.reshape(-1).double(), b.reshape(-1).double()
+        na, nb = float(x.norm()), float(y.norm())
+        cos = float(x @ y) / (na * nb) if na and nb else 1.0
+        del x, y  # freed before the result is read: the plan counts two float64 copies at once
+        largest = max(na, nb)
+        ratio = float(merged.reshape(-1).double().norm()) / largest if largest else 0.0
+        self.tensors[name] = {"cos": min(1.0, max(-1.0, cos)), "ratio": ratio}
+
+    def figures(self) -> dict[str, Any]:
+        from albor.evals.contracts import slerp_norm_bound
+
+        if not self.tensors:
+            return {"tensors": 0}
+        widest = max(self.tensors, key=lambda n: self.tensors[n]["ratio"])
+        return {
+            "tensors": len(self.tensors),
+            "max_ratio": self.tensors[widest]["ratio"],
+            "max_ratio_tensor": widest,
+            "max_ratio_to_bound": max(
+                t["ratio"] / slerp_norm_bound(t["cos"]) for t in self.tensors.values()
+            ),
+            "min_cos": min(t["cos"] for t in self.tensors.values()),
+            "obtuse_tensors": sum(t["cos"] < 0 for t in self.tensors.values()),
+            "per_tensor": self.tensors,
+        }
+
+
 def _token_id(raw: dict[str, Any], key: str) -> int | None:
     value = raw.get(key)
     if isinstance(value, list):
@@ -414,17 +454,22 @@ def apply(cfg: Config, ctx: ApplyContext) -> Outcome:
     names = list(expected_tensors(first.config))
     layers = num_layers(names)
     merged: dict[str, torch.Tensor] = {}
+    norms = SlerpNorms() if spec.method == "slerp" else None
     with ExitStack() as stack:
         readers = [_Weights(m, stack) for m in models]
         base_reader = _Weights(base, stack) if base is not None else None
         for name in track(names, f"merge ({spec.method})"):
+            inputs = [r.get(name) for r in readers]
             merged[name] = merge_tensor(
                 name,
-                [r.get(name) for r in readers],
+                inputs,
                 spec,
                 base=base_reader.get(name) if base_reader is not None else None,
                 layers=layers,
             )
+            if norms is not None:
+                norms.add(name, inputs[0], inputs[1], merged[name])
+            del inputs
     with torch.device("meta"):
         model = GPT(first.config)
     model.load_state_dict(merged, strict=False, assign=True)
@@ -457,5 +502,6 @@ def apply(cfg: Config, ctx: ApplyContext) -> Outcome:
             "base": str(base.directory) if base is not None else None,
             "tensors": len(merged),
             "dtype": _main_dtype(first),
+            **({"slerp_norms": norms.figures()} if norms is not None else {}),
         },
     )

@@ -17,8 +17,9 @@ micro-batch into one tensor (`pack_offline`), which the objective unpacks.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -233,6 +234,33 @@ def dense_kd_loss_sum(
     return _chunked_sum(rows, student_logits, (teacher_logits,), targets, ignore_index, chunk_rows)
 
 
+@dataclass(eq=False)
+class RowStats:
+    """Teacher-logit integrity (FALSIFY-ALBOR-006) of the top-k rows a teacher computed: kept on
+    the device and read once at the end, so that no step waits on a sync."""
+
+    rows: int = 0
+    max_mass: torch.Tensor | None = None
+    nonfinite: torch.Tensor | None = None
+
+    def add(self, logprobs: torch.Tensor) -> None:
+        mass = logprobs.exp().sum(dim=-1)
+        top, bad = mass.max(), (~torch.isfinite(logprobs)).any(dim=-1).sum()
+        self.rows += mass.numel()
+        self.max_mass = top if self.max_mass is None else torch.maximum(self.max_mass, top)
+        self.nonfinite = bad if self.nonfinite is None else self.nonfinite + bad
+
+    def figures(self, top_k: int | None) -> dict[str, Any]:
+        mass = None if self.max_mass is None else float(self.max_mass)
+        return {
+            "rows_checked": self.rows,
+            # NaN where a row was not finite (nonfinite_rows counts them): JSON has no NaN.
+            "max_row_mass": round(mass, 6) if mass is not None and math.isfinite(mass) else None,
+            "nonfinite_rows": 0 if self.nonfinite is None else int(self.nonfinite),
+            "top_k": top_k,
+        }
+
+
 @dataclass(frozen=True, eq=False)
 class Distill:
     """Online distillation: the loop's `Objective` with a teacher that runs beside the student.
@@ -252,6 +280,7 @@ class Distill:
     top_k: int | None = None
     ignore_index: int = -100
     chunk_rows: int | None = 4096
+    rows: RowStats = field(default_factory=lambda: RowStats(), init=False, repr=False)
 
     def __post_init__(self) -> None:
         _check(self.temperature, self.alpha, self.chunk_rows)
@@ -259,6 +288,11 @@ class Distill:
             raise ConfigError(f"distillation top_k is {self.top_k}: give k >= 1, or None for all")
         self.teacher.eval()
         self.teacher.requires_grad_(False)
+
+    def integrity(self) -> dict[str, Any]:
+        """The top-k rows the teacher produced in this process: how many, the largest sum of
+        their k probabilities and how many held a non-finite value (all 0 without `top_k`)."""
+        return self.rows.figures(self.top_k)
 
     def targets(self, batch: torch.Tensor) -> int:
         return NextToken(self.ignore_index).targets(batch)
@@ -274,6 +308,7 @@ class Distill:
             # Reduced before the student's forward, so the teacher's full logits are freed first.
             topk = topk_teacher(teacher_logits, min(self.top_k, teacher_vocab), T)
             del teacher_logits
+            self.rows.add(topk[1])
         logits: torch.Tensor = model(inputs)  # no targets: GPT.forward returns the logits
         if logits.shape[-1] != teacher_vocab:
             raise ConfigError(

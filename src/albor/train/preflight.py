@@ -315,13 +315,18 @@ def _check_distributed(p: Plan, settings: TrainSettings, s: Setup) -> None:
 def check_data(p: Plan, settings: TrainSettings, s: Setup, data: DataFacts) -> None:
     """The data against the model and the run: vocab, one window at least, repeats, validation."""
     mc, seq = s.model, s.seq_len
+    # An embedding wider than the tokenizer is padding (an adopted tokenizer's model rounds its
+    # vocabulary up, Qwen2.5's 151,665 ids to 151,936 rows): those rows never appear in the data.
+    spare = mc.vocab_size - data.vocab_size
     p.require(
         "vocab",
-        data.vocab_size == mc.vocab_size,
-        f"model and tokenizer both have {mc.vocab_size} ids",
-        f"model vocab_size {mc.vocab_size} != tokenizer vocab {data.vocab_size}: set "
-        f"architecture.vocab_size: {data.vocab_size} (or retrain the tokenizer with "
-        f"vocab_size {mc.vocab_size})",
+        spare >= 0,
+        f"model and tokenizer both have {mc.vocab_size} ids"
+        if spare == 0
+        else f"tokenizer {data.vocab_size} ids, model {mc.vocab_size} ({spare} rows of padding)",
+        f"model vocab_size {mc.vocab_size} < tokenizer vocab {data.vocab_size}: the data holds "
+        f"ids the model has no row for: set architecture.vocab_size: {data.vocab_size} (or "
+        f"retrain the tokenizer with vocab_size {mc.vocab_size})",
     )
     p.require(
         "train data",
