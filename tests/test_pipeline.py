@@ -56,6 +56,7 @@ def test_plan_apply_skip_and_rerun_on_change(tmp_path: Path) -> None:
     assert [(s.name, s.run) for s in pp.stages] == [("a", True), ("b", True), ("c", True)]
     assert pp.stages[1].reason == "upstream a will run"
     assert pp.totals()["wall_time_s"] == 2.0
+    assert pp.unestimated("wall_time_s") == ["b"]  # split estimates none: said, not summed as 0
     assert not (tmp_path / "work").exists()  # plan writes nothing
     events = apply_pipeline(pipe)
     assert [e.status for e in events if e.status != "start"] == ["ran", "ran", "ran"]

@@ -292,6 +292,15 @@ class PipelinePlan:
                     sums[key] = sums.get(key, 0) + value
         return sums
 
+    def unestimated(self, key: str) -> list[str]:
+        """The stages that will run whose plan could not estimate `key` (their inputs do not
+        exist yet, or the stage does not estimate it)."""
+        return [
+            s.name
+            for s in self.stages
+            if s.run and not isinstance(s.plan.estimates.get(key), (int, float))
+        ]
+
     def to_json(self) -> dict[str, Any]:
         return {
             "pipeline": self.pipeline.manifest.name,
@@ -302,6 +311,7 @@ class PipelinePlan:
             "stages": [s.to_json() for s in self.stages],
             "checks": [c.to_json() for c in self.checks],
             "totals": self.totals(),
+            "wall_time_unknown_for": self.unestimated("wall_time_s"),
         }
 
 

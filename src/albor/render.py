@@ -93,10 +93,16 @@ def pipeline_plan_view(pp: PipelinePlan, verbose: bool = False) -> RenderableTyp
         parts.append(Text.from_markup(f"[{colour}]{c.name}[/]: ") + Text(c.detail))
     totals = pp.totals()
     if totals:
+        unknown = pp.unestimated("wall_time_s")
         parts.append(
             Text(
                 "totals for the stages that will run: "
                 + ", ".join(f"{k} {fmt_value(v)}" for k, v in totals.items())
+                + (
+                    f" (wall time not yet known for {', '.join(unknown)})"
+                    if unknown and "wall_time_s" in totals
+                    else ""
+                )
             )
         )
     if verbose:
