@@ -42,7 +42,7 @@ def test_the_smoke_ladder_runs_end_to_end_and_reports(tmp_path: Path) -> None:
     report = json.loads((work / "report" / "report.json").read_text())
     contracts = {c["id"]: c for c in report["contracts"]}
     assert len(contracts) == 9
-    for cid in ("001", "002", "006", "007", "008", "009"):
+    for cid in ("001", "002", "004", "006", "007", "008", "009"):
         assert contracts[f"FALSIFY-ALBOR-{cid}"]["status"] == "holds", contracts
     # Same student, same steps: decided by the run, whichever way it falls.
     assert contracts["FALSIFY-ALBOR-005"]["status"] in ("holds", "fails")

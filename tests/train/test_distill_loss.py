@@ -613,3 +613,21 @@ def test_the_online_teacher_rows_are_checked_as_they_come() -> None:
         broken.loss_sum(student, windows)
     assert broken.integrity()["nonfinite_rows"] == 1
     assert broken.integrity()["max_row_mass"] is None  # NaN, which JSON cannot hold
+
+
+def test_the_kl_term_is_measured_for_the_metrics_lines() -> None:
+    """FALSIFY-ALBOR-004 in the run: the objective reports the mean KL per scored row since the
+    last metrics line. Against a one-hot teacher at the next token (top-1, T = 1) the KL is the
+    student's cross-entropy, and reading it starts the next mean afresh."""
+    student = tiny(4)
+    windows = (torch.arange(17) + torch.tensor([[0], [100]])) % 512
+    objective = Distill(NextOf(512), temperature=1.0, alpha=0.5, top_k=1)
+    assert objective.log_metrics() == {}
+    with torch.no_grad():
+        objective.loss_sum(student, windows)
+        objective.loss_sum(student, windows)
+        ce = NextToken().loss_sum(student, windows) / NextToken().targets(windows)
+    measured = objective.log_metrics()
+    assert measured["kl"] >= 0
+    assert measured["kl"] == pytest.approx(float(ce), rel=1e-5)
+    assert objective.log_metrics() == {}

@@ -261,6 +261,63 @@ class RowStats:
         }
 
 
+@dataclass(eq=False)
+class KlMeter:
+    """The mean KL(q || p_T) per scored row over the micro-batches since it was last read: the
+    `kl` of metrics.jsonl, so that FALSIFY-ALBOR-004 (KL >= 0) is observed in the run itself. It
+    is measured without gradients on the student's logits of the step, so training is the same
+    with it; summed on the device, read (one sync) only when a metrics line is written."""
+
+    total: torch.Tensor | None = None
+    rows: int = 0
+
+    def add(self, kl_sum: torch.Tensor, rows: int) -> None:
+        self.total = kl_sum if self.total is None else self.total + kl_sum
+        self.rows += rows
+
+    def read(self) -> dict[str, float]:
+        if self.total is None or self.rows == 0:
+            return {}
+        mean = float(self.total) / self.rows
+        self.total, self.rows = None, 0
+        return {"kl": mean}
+
+
+def _measure_kl(
+    meter: KlMeter,
+    logits: torch.Tensor,
+    teacher: tuple[torch.Tensor, ...],
+    targets: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    chunk_rows: int | None,
+) -> None:
+    """Add the KL term of this micro-batch to `meter`: the loss at alpha = 1 is T^2 * KL."""
+    with torch.no_grad():
+        z = logits.detach()
+        if len(teacher) == 2:
+            kl, rows = kd_loss_sum(
+                z,
+                *teacher,
+                targets,
+                temperature=temperature,
+                alpha=1.0,
+                ignore_index=ignore_index,
+                chunk_rows=chunk_rows,
+            )
+        else:
+            kl, rows = dense_kd_loss_sum(
+                z,
+                teacher[0],
+                targets,
+                temperature=temperature,
+                alpha=1.0,
+                ignore_index=ignore_index,
+                chunk_rows=chunk_rows,
+            )
+    meter.add(kl / temperature**2, rows)
+
+
 @dataclass(frozen=True, eq=False)
 class Distill:
     """Online distillation: the loop's `Objective` with a teacher that runs beside the student.
@@ -281,6 +338,7 @@ class Distill:
     ignore_index: int = -100
     chunk_rows: int | None = 4096
     rows: RowStats = field(default_factory=lambda: RowStats(), init=False, repr=False)
+    kl: KlMeter = field(default_factory=lambda: KlMeter(), init=False, repr=False)
 
     def __post_init__(self) -> None:
         _check(self.temperature, self.alpha, self.chunk_rows)
@@ -288,6 +346,10 @@ class Distill:
             raise ConfigError(f"distillation top_k is {self.top_k}: give k >= 1, or None for all")
         self.teacher.eval()
         self.teacher.requires_grad_(False)
+
+    def log_metrics(self) -> dict[str, float]:
+        """What the loop adds to a metrics line: the mean KL since the last line."""
+        return self.kl.read()
 
     def integrity(self) -> dict[str, Any]:
         """The top-k rows the teacher produced in this process: how many, the largest sum of
@@ -337,6 +399,8 @@ class Distill:
                 ignore_index=ignore,
                 chunk_rows=chunk,
             )
+        teacher = (teacher_logits,) if topk is None else topk
+        _measure_kl(self.kl, logits, teacher, targets, T, ignore, chunk)
         return loss
 
 
@@ -469,12 +533,17 @@ class OfflineDistill:
     temperature: float = 2.0
     alpha: float = 0.5
     chunk_rows: int | None = 4096
+    kl: KlMeter = field(default_factory=lambda: KlMeter(), init=False, repr=False)
 
     def __post_init__(self) -> None:
         _check(self.temperature, self.alpha, self.chunk_rows)
 
     def targets(self, batch: torch.Tensor) -> int:
         return int(batch.shape[0] * (batch.shape[2] - 1))
+
+    def log_metrics(self) -> dict[str, float]:
+        """What the loop adds to a metrics line: the mean KL since the last line."""
+        return self.kl.read()
 
     def loss_sum(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         inputs, targets, ids, logprobs = unpack_offline(batch)
@@ -488,4 +557,6 @@ class OfflineDistill:
             alpha=self.alpha,
             chunk_rows=self.chunk_rows,
         )
+        teacher = (ids, logprobs.float())
+        _measure_kl(self.kl, logits, teacher, targets, self.temperature, -100, self.chunk_rows)
         return loss

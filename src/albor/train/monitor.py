@@ -48,6 +48,10 @@ def log_step(session: Session, out: IO[str], st: TrainState, grad_norm: float, r
         "tokens_per_s": round(rate, 1),
         "elapsed_s": round(st.elapsed_s, 2),
     }
+    # An objective may add its own figures since the last line (distillation: the KL term).
+    extra = getattr(session.objective, "log_metrics", None)
+    if callable(extra):
+        record.update(extra())
     metrics.append(out, record)
     if session.tracker is not None:
         session.tracker.log(**record)
