@@ -295,6 +295,22 @@ def _missing_note(problems: list[str]) -> str:
     return f"; not judged: {'; '.join(problems)}" if problems else ""
 
 
+def _decided(
+    judge: _Judge,
+    verdicts: list[bool],
+    figure: str,
+    evidence: str,
+    problems: list[str],
+    missing: str,
+    default: str = "",
+) -> Contract:
+    """The verdict over the stages that gave evidence (those that could not are named in the
+    evidence), or "not run" with `missing` as the figure when none could."""
+    if not verdicts:
+        return judge("not run", missing, "; ".join(problems) or default)
+    return judge(_combine(verdicts), figure, evidence + _missing_note(problems))
+
+
 # --- the nine contracts ----------------------------------------------------------------------
 
 
@@ -322,18 +338,18 @@ def _loss_decreases(w: _Workdir, judge: _Judge) -> Contract:
         ceilings.add(round(ceiling, 2))
         note = " (rose)" if final >= first else " (above ln V)" if final >= ceiling else ""
         shown.append(f"{label} {first:.3f}->{final:.3f}{note}")
-    if not verdicts:
-        return judge(
-            "not run", "no training stage logged a loss", "; ".join(problems) or NO_TRAINING
-        )
-    return judge(
-        _combine(verdicts),
+    return _decided(
+        judge,
+        verdicts,
         "loss first->smoothed final: "
         + ", ".join(shown)
         + "".join(f"; ln(V) {c:.2f}" for c in sorted(ceilings) if math.isfinite(c)),
         "metrics.jsonl step losses of each training stage; final = mean of the last "
         f"{SMOOTH_FRACTION:.0%} of the logged steps; a finetune: its base's validation loss on "
-        "the held-out pairs, then its own" + _missing_note(problems),
+        "the held-out pairs, then its own",
+        problems,
+        "no training stage logged a loss",
+        NO_TRAINING,
     )
 
 
@@ -366,19 +382,16 @@ def _grad_norms(w: _Workdir, judge: _Judge) -> Contract:
         if clip is not None:
             above = sum(n > clip for n in finite)
             clipped_notes.append(f"{s.name} {above}/{len(finite)} logged steps above {clip:g}")
-    if not verdicts:
-        return judge(
-            "not run",
-            "no training stage logged a gradient norm",
-            "; ".join(problems) or NO_TRAINING,
-        )
-    return judge(
-        _combine(verdicts),
+    return _decided(
+        judge,
+        verdicts,
         f"k={GRAD_SPIKE_FACTOR:g}: " + "; ".join(shown),
         "metrics.jsonl grad_norm (the norm before clipping, as clip_grad_norm_ returns it); "
         "after warmup no step above k x the median of the norms before it; clipped: "
-        + (", ".join(clipped_notes) or "grad_clip not recorded")
-        + _missing_note(problems),
+        + (", ".join(clipped_notes) or "grad_clip not recorded"),
+        problems,
+        "no training stage logged a gradient norm",
+        NO_TRAINING,
     )
 
 
@@ -517,13 +530,13 @@ def _teacher_logits(w: _Workdir, judge: _Judge) -> Contract:
             f"{s.name} max row mass {mass:.6f} <= 1 + {tolerance:.2g} over {m.get('positions')} "
             f"positions" + ("" if computed else " (all shards kept from an earlier run)")
         )
-    if not verdicts:
-        return judge("not run", "no integrity figures", "; ".join(problems))
-    return judge(
-        _combine(verdicts),
+    return _decided(
+        judge,
+        verdicts,
         "; ".join(shown),
-        "teacher_logits manifest: every row checked finite before it was written"
-        + _missing_note(problems),
+        "teacher_logits manifest: every row checked finite before it was written",
+        problems,
+        "no integrity figures",
     )
 
 
@@ -581,13 +594,15 @@ def _slerp(w: _Workdir, judge: _Judge) -> Contract:
             f"{s.name} max ||merged||/max(||a||,||b||) {float(norms['max_ratio']):.4f}, "
             f"{to_bound:.4f} of the bound, {obtuse} of {norms.get('tensors')} tensors obtuse"
         )
-    if not verdicts:
-        return judge("not run", "no SLERP merge evidence", "; ".join(problems) or "no merge stage")
-    return judge(
-        _combine(verdicts),
+    return _decided(
+        judge,
+        verdicts,
         "; ".join(shown),
         "merge manifest slerp_norms, per tensor: ||merged|| <= max(||a||,||b||) for cos >= 0, "
-        "/ sin(theta) when obtuse" + _missing_note(problems),
+        "/ sin(theta) when obtuse",
+        problems,
+        "no SLERP merge evidence",
+        "no merge stage",
     )
 
 
@@ -614,13 +629,14 @@ def _sparsity(w: _Workdir, judge: _Judge) -> Contract:
             f"{s.name} {m.get('method')} {requested:g}: max deviation {deviation} element(s) over "
             f"{len(counts)} tensors"
         )
-    if not verdicts:
-        return judge("not run", "no sparsity pruning", "; ".join(problems) or "no prune stage")
-    return judge(
-        _combine(verdicts),
+    return _decided(
+        judge,
+        verdicts,
         "; ".join(shown),
-        "prune manifest tensors: zeros counted in the written tensors vs round(sparsity x numel)"
-        + _missing_note(problems),
+        "prune manifest tensors: zeros counted in the written tensors vs round(sparsity x numel)",
+        problems,
+        "no sparsity pruning",
+        "no prune stage",
     )
 
 
@@ -642,13 +658,14 @@ def _quantization(w: _Workdir, judge: _Judge) -> Contract:
                 continue
             verdicts.append(abs(increase) <= bound)
             shown.append(f"{name} {increase:+.2%} (bound {bound:.0%})")
-    if not verdicts:
-        return judge("not run", "no quantized variant", "; ".join(problems) or "no quantize stage")
-    return judge(
-        _combine(verdicts),
+    return _decided(
+        judge,
+        verdicts,
         ", ".join(shown),
-        "quantize manifest val_bpb_increase (bits/byte relative to the full model)"
-        + _missing_note(problems),
+        "quantize manifest val_bpb_increase (bits/byte relative to the full model)",
+        problems,
+        "no quantized variant",
+        "no quantize stage",
     )
 
 
