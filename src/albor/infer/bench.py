@@ -182,6 +182,30 @@ def bench_variant(variant: Variant, settings: BenchSettings) -> dict[str, Any]:
     }
 
 
+def time_here(
+    path: Path,
+    kind: str,
+    *,
+    prompt_tokens: int,
+    new_tokens: int,
+    repeats: int,
+    threads: int | None,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Time one model in this process, torch models in float32 (their own dtype; a quantized
+    dir computes its activations in it): what a stage measures beside its other figures."""
+    settings = BenchSettings(
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
+        repeats=repeats,
+        threads=threads,
+        dtypes=("float32",),
+        device=device,
+        isolate=False,
+    )
+    return bench_variant(Variant(str(path), kind, "float32" if kind == "torch" else None), settings)
+
+
 def _child(variant: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
     s = BenchSettings(**{**settings, "dtypes": tuple(settings["dtypes"])})
     return bench_variant(Variant(**variant), s)

@@ -372,18 +372,15 @@ def scored_windows(cfg: Config, seq: int) -> tuple[list[torch.Tensor], list[torc
 
 def decode_ms(cfg: Config, path: Path, kind: str) -> float:
     """Median decode ms/token of the model at `path` on this CPU (albor.infer.bench)."""
-    from albor.infer.bench import BenchSettings, Variant, bench_variant
+    from albor.infer.bench import time_here
 
-    settings = BenchSettings(
+    result = time_here(
+        path,
+        kind,
         prompt_tokens=cfg.bench_prompt_tokens,
         new_tokens=cfg.bench_new_tokens,
         repeats=cfg.bench_repeats,
         threads=cfg.threads,
-        dtypes=("float32",),
-        isolate=False,
-    )
-    result = bench_variant(
-        Variant(str(path), kind, "float32" if kind == "torch" else None), settings
     )
     return float(result["decode_ms_per_token"]["p50"])
 

@@ -49,19 +49,17 @@ def plan(t: SpeedTask, pl: Planning, name: str) -> dict[str, Any]:
 
 def run(t: SpeedTask, models: Models, name: str, out: Path) -> tuple[dict[str, Any], str]:
     """The timings, in metrics.json only."""
-    from albor.infer.bench import BenchSettings, Variant, bench_variant
+    from albor.infer.bench import time_here
 
-    directory = models.inputs.require_model()
-    settings = BenchSettings(
+    result = time_here(
+        models.inputs.require_model(),
+        "torch",
         prompt_tokens=t.prompt_tokens,
         new_tokens=t.new_tokens,
         repeats=t.repeats,
         threads=t.threads,
-        dtypes=("float32",),
         device=models.device,
-        isolate=False,
     )
-    result = bench_variant(Variant(str(directory), "torch", "float32"), settings)
     decode = result["decode_ms_per_token"]
     metrics: dict[str, Any] = {
         "decode_ms_per_token": decode["p50"],
