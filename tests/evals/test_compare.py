@@ -1,7 +1,7 @@
 """`albor eval compare` over every kind of variant: evaluate, quantize (full model and each
-variant), prune (before and after) and finetune (base and tuned) artifacts made by the real stages
-on a tiny model, their figures read back from the manifests, and the best value marked only
-among columns scored on the same windows."""
+variant), prune (before and after), finetune (base and tuned), pretrain and distill artifacts
+made by the real stages on a tiny model, their figures read back from the manifests, and the
+best value marked only among columns scored on the same windows."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from albor.model.gpt import GPT
 from albor.model.hf import save_pretrained
 from albor.model.presets import preset
 from albor.stage import load_stage, run_stage
-from albor.stages import evaluate, finetune, pairs, prune, quantize, split
-from helpers import STDLIB, STDLIB_SAMPLE, run, write_corpus_artifact
+from albor.stages import distill, evaluate, finetune, pairs, pretrain, prune, quantize, split
+from helpers import STDLIB, STDLIB_SAMPLE, pretrain_config, run, write_corpus_artifact
 
 # prune and quantize score the same first val windows: their bits/byte compare.
 SCORED = {"eval_tokens": 1024, "seq_len": 64}
@@ -201,3 +201,30 @@ def test_what_it_cannot_read(
     code, _, stderr = run(["eval", "compare", str(token_data)], capsys)
     assert code == 1 and "tokenize" in stderr
     assert table(compare([artifacts["prune"]])).row_count == 3  # val_bpb, parameters, sparsity
+
+
+def test_a_distilled_student_beside_its_base(
+    token_data: Path, trained_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """pretrain and distill artifacts give a column each, scored on the same val windows, so the
+    student's bits/byte is compared with the base's and the best marked."""
+    short = {"max_steps": 6, "eval_every": 6, "checkpoint_every": 6, "threads": 1}
+    base = run_stage(pretrain, pretrain_config(token_data, tmp_path / "base", **short)).output
+    cfg = pretrain_config(token_data, tmp_path / "distill", **short).model_dump(
+        mode="json", exclude_none=True
+    )
+    student = run_stage(
+        distill, distill.Config.model_validate({**cfg, "teacher": trained_model})
+    ).output
+    c = compare([base, student])
+    assert [(r["stage"], r["variant"]) for r in c.rows] == [("pretrain", None), ("distill", None)]
+    for row, directory in zip(c.rows, (base, student), strict=True):
+        m = _manifest(directory)["metrics"]
+        assert row["metrics"] == {k: m[k] for k in ("val_loss", "val_bpb", "parameters")}
+        assert row["model"] == str(directory)
+    assert c.rows[0]["scored_on"] == c.rows[1]["scored_on"]  # same data, tokens, windows
+    bpb = [r["metrics"]["val_bpb"] for r in c.rows]
+    assert c.best()["val_bpb"] == [i for i, v in enumerate(bpb) if v == min(bpb)]
+    code, stdout, stderr = run(["eval", "compare", str(base), str(student)], capsys)
+    assert code == 0, stderr
+    assert "base" in stdout and "distill" in stdout

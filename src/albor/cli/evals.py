@@ -15,7 +15,7 @@ from albor.cli.common import emit_json, out
 @click.group(name="eval")
 def eval_group() -> None:
     """Score saved completions in the sandbox; compare models and their variants (evaluate,
-    quantize, prune, finetune artifacts) side by side."""
+    quantize, prune, finetune, pretrain and distill artifacts) side by side."""
 
 
 @eval_group.command(name="execute")
@@ -104,7 +104,7 @@ def eval_compare_cmd(
 
     An evaluate artifact gives one column; a quantize artifact one for the full model and one
     per variant; a prune artifact the model before and after; a finetune artifact the base and
-    the tuned model."""
+    the tuned model; a pretrain or distill artifact its trained model."""
     from albor.evals.compare import compare, table
 
     comparison = compare(list(directories), patterns)

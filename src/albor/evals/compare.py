@@ -10,7 +10,9 @@ Each artifact gives one column or several:
   per byte and its increase, KL to the full model, top-1 agreement, bytes on disk and in memory,
   decode ms/token);
 - prune: the model before and after (val bits/byte, sparsity, parameters);
-- finetune: the base and the tuned model, scored alike (val loss, bits per completion byte).
+- finetune: the base and the tuned model, scored alike (val loss, bits per completion byte);
+- pretrain and distill: the trained model (its final val loss and bits/byte, parameters), so a
+  distilled student lines up beside the base pretrained on the same tokens.
 
 By default the table (a row per metric, a column per model) shows the headline figures: bits per
 byte, perplexity, pass@k, infilling pass rate and exact match, contamination fractions, the
@@ -132,6 +134,15 @@ def _context(directory: Path, config: dict[str, Any]) -> int | None:
     return int(context) if isinstance(context, int) else None
 
 
+def _scored_on(directory: Path, config: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    """The validation windows a stage scored its model on: comparable figures share these."""
+    return {
+        "data": config.get("data"),
+        "tokens": metrics.get("val_tokens"),
+        "seq_len": _context(directory, config),
+    }
+
+
 def _evaluate(directory: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
     config = manifest.get("config", {})
     metrics = manifest.get("metrics", {})
@@ -163,11 +174,7 @@ def _quantize(directory: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]
 
 def _prune(directory: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
     config, m = manifest.get("config", {}), manifest.get("metrics", {})
-    basis = {
-        "data": config.get("data"),
-        "tokens": m.get("val_tokens"),
-        "seq_len": _context(directory, config),
-    }
+    basis = _scored_on(directory, config, m)
     params = m.get("parameters", {})
     before = {"val_bpb": m.get("val_bpb_before"), "parameters": params.get("before")}
     after = {
@@ -184,11 +191,7 @@ def _prune(directory: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _finetune(directory: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
     config, m = manifest.get("config", {}), manifest.get("metrics", {})
-    basis = {
-        "data": config.get("data"),
-        "tokens": m.get("val_tokens"),
-        "seq_len": _context(directory, config),
-    }
+    basis = _scored_on(directory, config, m)
     # The base was scored on the same pairs by the same scorer (finetune's `base_*` figures).
     base = {k: m.get(f"base_{k}") for k in ("val_loss", "val_bpb")}
     tuned = {k: m.get(k) for k in ("val_loss", "val_bpb")}
@@ -198,8 +201,17 @@ def _finetune(directory: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]
     ]
 
 
+def _trained(directory: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    config, m = manifest.get("config", {}), manifest.get("metrics", {})
+    basis = _scored_on(directory, config, m)
+    figures = {k: m.get(k) for k in ("val_loss", "val_bpb", "parameters")}
+    return [_row(directory, str(manifest.get("stage")), None, directory, figures, basis)]
+
+
 _READERS: dict[str, Callable[[Path, dict[str, Any]], list[dict[str, Any]]]] = {
     "evaluate": _evaluate,
+    "pretrain": _trained,
+    "distill": _trained,
     "quantize": _quantize,
     "prune": _prune,
     "finetune": _finetune,
@@ -262,7 +274,8 @@ def table(comparison: Comparison, title: str = "albor eval compare") -> Table:
     t.add_column("metric")
     for r in comparison.rows:
         below = r["variant"] or (Path(r["model"]).name if r["model"] else "")
-        header = Path(r["artifact"]).name + (f"\n{below}" if below else "")
+        name = Path(r["artifact"]).name
+        header = name + (f"\n{below}" if below and below != name else "")
         t.add_column(header, justify="right", overflow="fold")
     for col in comparison.columns:
         arrow = " ↓" if _LOWER.search(col) else (" ↑" if _HIGHER.search(col) else "")

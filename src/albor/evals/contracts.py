@@ -12,20 +12,29 @@ checks it on tiny real runs: `python -m pytest -m falsify` runs all nine.
 
 The rules a contract applies to run evidence are written here once, and the tests and the merge
 stage (which records SLERP's norm evidence) import them: `smoothed_final`, `grad_norm_spikes`
-with `GRAD_SPIKE_FACTOR`, and `slerp_norm_bound`.
+with `GRAD_SPIKE_FACTOR`, and `slerp_norm_bound`. The workdir is read by
+`albor.evals.run_evidence`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from albor.errors import AlborError
+from albor.evals.run_evidence import (
+    Workdir,
+    config_of,
+    metrics_of,
+    number,
+    read_json,
+    step_lines,
+    usable,
+)
 
 Status = Literal["holds", "fails", "not run", "tested"]
 
@@ -148,129 +157,6 @@ def rounding_tolerance(dtype: str) -> float:
     return 4 * eps
 
 
-# --- the workdir's evidence ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Stage:
-    name: str
-    directory: Path
-    kind: str | None  # the stage kind, from the manifest or pipeline.json
-    manifest: dict[str, Any] | None
-    problem: str | None  # why there is no usable manifest
-
-
-class _Workdir:
-    """The stages of a workdir: those pipeline.json expects (when it exists) and every
-    subdirectory with a manifest, each with its manifest or the reason it has none."""
-
-    def __init__(self, root: Path) -> None:
-        from albor.artifact import read_manifest
-
-        self.root = root
-        self.notes: list[str] = []
-        status = _read_json(root / ".albor-pipeline.json")
-        self.status: dict[str, Any] = status if isinstance(status, dict) else {}
-        expected: dict[str, str | None] = {}
-        plan = _read_json(root / "pipeline.json")
-        if isinstance(plan, dict) and isinstance(plan.get("stages"), list):
-            for entry in plan["stages"]:
-                if isinstance(entry, dict) and isinstance(entry.get("name"), str):
-                    uses = entry.get("uses")
-                    expected[entry["name"]] = uses if isinstance(uses, str) else None
-        elif plan is not None:
-            self.notes.append(f"{root / 'pipeline.json'} is malformed: ignored")
-        names = list(expected)
-        if root.is_dir():
-            names += sorted(
-                p.name
-                for p in root.iterdir()
-                if p.is_dir() and (p / "manifest.json").exists() and p.name not in expected
-            )
-        self.stages: dict[str, _Stage] = {}
-        for name in names:
-            directory = root / name
-            manifest: dict[str, Any] | None = None
-            problem = None
-            if (directory / "manifest.json").exists():
-                try:
-                    manifest = read_manifest(directory)
-                except AlborError as e:
-                    problem = f"malformed manifest: {e}"
-            else:
-                problem = self._missing(name)
-            kind = manifest.get("stage") if manifest else expected.get(name)
-            self.stages[name] = _Stage(
-                name, directory, kind if isinstance(kind, str) else None, manifest, problem
-            )
-
-    def _missing(self, name: str) -> str:
-        entry = self.status.get(name)
-        if isinstance(entry, dict) and entry.get("status"):
-            error = f": {entry['error']}" if entry.get("error") else ""
-            return f"stage {name} has no manifest (status {entry['status']}{error})"
-        return f"stage {name} has not run (no manifest)"
-
-    def caveats(self) -> list[str]:
-        """What may hide evidence from every contract: a malformed pipeline.json, and stages of
-        unknown kind (their manifest is unreadable and pipeline.json does not name them)."""
-        unknown = [f"{s.name} ({s.problem})" for s in self.stages.values() if s.kind is None]
-        if unknown:
-            return [*self.notes, f"unreadable stages of unknown kind: {'; '.join(unknown)}"]
-        return self.notes
-
-    def of_kind(self, *kinds: str) -> list[_Stage]:
-        return [s for s in self.stages.values() if s.kind in kinds]
-
-    def failed_error(self, name: str) -> str | None:
-        entry = self.status.get(name)
-        if isinstance(entry, dict) and entry.get("status") == "failed":
-            return str(entry.get("error") or "")
-        return None
-
-
-def _read_json(path: Path) -> Any:
-    """The JSON at `path`; None when missing, {"__malformed__": ...} when unreadable."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        return {"__malformed__": str(e)}
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value)
-
-
-def _metrics(stage: _Stage) -> dict[str, Any]:
-    assert stage.manifest is not None
-    metrics = stage.manifest.get("metrics")
-    if not isinstance(metrics, dict):
-        raise ValueError(f"{stage.directory / 'manifest.json'}: metrics is not an object")
-    return metrics
-
-
-def _config(stage: _Stage) -> dict[str, Any]:
-    assert stage.manifest is not None
-    config = stage.manifest.get("config")
-    return config if isinstance(config, dict) else {}
-
-
-def _step_lines(stage: _Stage) -> list[dict[str, Any]]:
-    from albor.track.metrics import METRICS_FILE, read
-
-    return [r for r in read(stage.directory / METRICS_FILE) if "loss" in r or "grad_norm" in r]
-
-
-def _usable(stages: list[_Stage]) -> tuple[list[_Stage], list[str]]:
-    """The stages with a manifest, and the reasons of those without."""
-    ok = [s for s in stages if s.manifest is not None]
-    return ok, [s.problem or f"{s.name}: no manifest" for s in stages if s.manifest is None]
-
-
 class _Judge:
     """Builds one contract's result; one not run also names what may have hidden its evidence."""
 
@@ -314,24 +200,24 @@ def _decided(
 # --- the nine contracts ----------------------------------------------------------------------
 
 
-def _loss_decreases(w: _Workdir, judge: _Judge) -> Contract:
-    stages, problems = _usable(w.of_kind(*TRAINING_KINDS))
+def _loss_decreases(w: Workdir, judge: _Judge) -> Contract:
+    stages, problems = usable(w.of_kind(*TRAINING_KINDS))
     verdicts, shown, ceilings = [], [], set()
     for s in stages:
-        m = _metrics(s)
-        base_val, val = _number(m.get("base_val_loss")), _number(m.get("val_loss"))
+        m = metrics_of(s)
+        base_val, val = number(m.get("base_val_loss")), number(m.get("val_loss"))
         if s.kind == "finetune" and base_val is not None and val is not None:
             # LoRA starts at its base, so its step losses barely move and swing from batch to
             # batch of pairs; what it must lower is the base's loss on the held-out pairs.
             first, final, label = base_val, val, f"{s.name} (val pairs)"
         else:
-            losses = [v for r in _step_lines(s) if (v := _number(r.get("loss"))) is not None]
+            losses = [v for r in step_lines(s) if (v := number(r.get("loss"))) is not None]
             if not losses:
                 problems.append(f"{s.name}: metrics.jsonl logs no step loss")
                 continue
             first, final, label = losses[0], smoothed_final(losses), s.name
-        config = _read_json(s.directory / "config.json")
-        vocab = _number(config.get("vocab_size")) if isinstance(config, dict) else None
+        config = read_json(s.directory / "config.json")
+        vocab = number(config.get("vocab_size")) if isinstance(config, dict) else None
         # A uniform guess over the vocabulary scores ln(V): a model must end below it.
         ceiling = math.log(vocab) if vocab and vocab > 1 else math.inf
         verdicts.append(final < first and final < ceiling)
@@ -353,20 +239,20 @@ def _loss_decreases(w: _Workdir, judge: _Judge) -> Contract:
     )
 
 
-def _grad_norms(w: _Workdir, judge: _Judge) -> Contract:
-    stages, problems = _usable(w.of_kind(*TRAINING_KINDS))
+def _grad_norms(w: Workdir, judge: _Judge) -> Contract:
+    stages, problems = usable(w.of_kind(*TRAINING_KINDS))
     verdicts, shown, clipped_notes = [], [], []
     for s in stages:
-        lines = [r for r in _step_lines(s) if "grad_norm" in r]
+        lines = [r for r in step_lines(s) if "grad_norm" in r]
         if not lines:
             problems.append(f"{s.name}: metrics.jsonl logs no grad_norm")
             continue
-        logged = [(int(r.get("step") or 0), _number(r.get("grad_norm"))) for r in lines]
+        logged = [(int(r.get("step") or 0), number(r.get("grad_norm"))) for r in lines]
         kept = [(step, n) for step, n in logged if n is not None and math.isfinite(n)]
         finite = [n for _, n in kept]
         bad = len(logged) - len(kept)
-        config = _config(s)
-        warmup = int(_number(config.get("warmup_steps")) or 0)
+        config = config_of(s)
+        warmup = int(number(config.get("warmup_steps")) or 0)
         steps = [step for step, _ in kept]
         worst, spikes = grad_norm_spikes(steps, finite, warmup, GRAD_SPIKE_FACTOR)
         verdicts.append(bad == 0 and not spikes)
@@ -378,7 +264,7 @@ def _grad_norms(w: _Workdir, judge: _Judge) -> Contract:
         if spikes:
             what += f", spikes at steps {spikes[:5]}"
         shown.append(what)
-        clip = _number(config.get("grad_clip"))
+        clip = number(config.get("grad_clip"))
         if clip is not None:
             above = sum(n > clip for n in finite)
             clipped_notes.append(f"{s.name} {above}/{len(finite)} logged steps above {clip:g}")
@@ -395,11 +281,11 @@ def _grad_norms(w: _Workdir, judge: _Judge) -> Contract:
     )
 
 
-def _determinism(w: _Workdir, judge: _Judge) -> Contract:
-    stages, problems = _usable(w.of_kind(*TRAINING_KINDS))
+def _determinism(w: Workdir, judge: _Judge) -> Contract:
+    stages, problems = usable(w.of_kind(*TRAINING_KINDS))
     exact, inexact, resumed = [], [], []
     for s in stages:
-        m = _metrics(s)
+        m = metrics_of(s)
         if m.get("bit_exact_resume") is True:
             exact.append(s.name)
         elif m.get("bit_exact_resume") is False:
@@ -420,13 +306,12 @@ def _determinism(w: _Workdir, judge: _Judge) -> Contract:
     )
 
 
-def _kl(w: _Workdir, judge: _Judge) -> Contract:
-    stages, problems = _usable(w.of_kind("distill"))
+def _kl(w: Workdir, judge: _Judge) -> Contract:
+    stages, problems = usable(w.of_kind("distill"))
     if not stages:
         return judge("not run", "no distill stage", "; ".join(problems) or "no distill stage")
     kls = {
-        s.name: [v for r in _step_lines(s) if (v := _number(r.get("kl"))) is not None]
-        for s in stages
+        s.name: [v for r in step_lines(s) if (v := number(r.get("kl"))) is not None] for s in stages
     }
     logged = {k: v for k, v in kls.items() if v}
     if not logged:
@@ -445,22 +330,22 @@ def _kl(w: _Workdir, judge: _Judge) -> Contract:
     )
 
 
-def _eval_bpb(w: _Workdir, variant: str) -> tuple[float | None, str]:
+def _eval_bpb(w: Workdir, variant: str) -> tuple[float | None, str]:
     """Validation bits/byte of `variant`: its evaluate stage's, else its training manifest's."""
     evaluated = w.stages.get(f"eval-{variant}")
     if evaluated is not None and evaluated.manifest is not None:
-        perplexity = _metrics(evaluated).get("perplexity")
-        if isinstance(perplexity, dict) and _number(perplexity.get("bits_per_byte")) is not None:
+        perplexity = metrics_of(evaluated).get("perplexity")
+        if isinstance(perplexity, dict) and number(perplexity.get("bits_per_byte")) is not None:
             return float(perplexity["bits_per_byte"]), f"eval-{variant} perplexity"
     trained = w.stages.get(variant)
     if trained is not None and trained.manifest is not None:
-        value = _number(_metrics(trained).get("val_bpb"))
+        value = number(metrics_of(trained).get("val_bpb"))
         if value is not None:
             return value, f"{variant} manifest val_bpb"
     return None, ""
 
 
-def _distillation(w: _Workdir, judge: _Judge) -> Contract:
+def _distillation(w: Workdir, judge: _Judge) -> Contract:
     distill, base = w.stages.get("distill"), w.stages.get("base")
     missing = [
         s.problem or f"{name}: no manifest" if s else f"no {name} stage"
@@ -469,7 +354,7 @@ def _distillation(w: _Workdir, judge: _Judge) -> Contract:
     ]
     if missing or distill is None or base is None:
         return judge("not run", "distill or base missing", "; ".join(missing) or "no distill")
-    md, mb = _metrics(distill), _metrics(base)
+    md, mb = metrics_of(distill), metrics_of(base)
     differ = [
         f"{k} {md.get(k)} vs {mb.get(k)}" for k in ("parameters", "steps") if md.get(k) != mb.get(k)
     ]
@@ -491,7 +376,7 @@ def _distillation(w: _Workdir, judge: _Judge) -> Contract:
     )
 
 
-def _teacher_logits(w: _Workdir, judge: _Judge) -> Contract:
+def _teacher_logits(w: Workdir, judge: _Judge) -> Contract:
     from albor.train.teacher import row_mass_tolerance
 
     all_stages = w.of_kind("teacher_logits")
@@ -502,7 +387,7 @@ def _teacher_logits(w: _Workdir, judge: _Judge) -> Contract:
     ]
     if failed:
         return judge("fails", "a row failed the integrity check", "; ".join(failed))
-    stages, problems = _usable(all_stages)
+    stages, problems = usable(all_stages)
     if not stages:
         online = _online_teacher_rows(w)
         if online is not None:
@@ -516,14 +401,14 @@ def _teacher_logits(w: _Workdir, judge: _Judge) -> Contract:
         )
     verdicts, shown = [], []
     for s in stages:
-        m, config = _metrics(s), _config(s)
-        top_k = int(_number(config.get("top_k")) or 0)
-        mass = _number(m.get("max_row_mass_computed"))
+        m, config = metrics_of(s), config_of(s)
+        top_k = int(number(config.get("top_k")) or 0)
+        mass = number(m.get("max_row_mass_computed"))
         if top_k < 1 or mass is None:
             problems.append(f"{s.name}: no top_k or max_row_mass_computed in its manifest")
             continue
         tolerance = row_mass_tolerance(top_k)
-        computed = int(_number(m.get("shards_computed")) or 0)
+        computed = int(number(m.get("shards_computed")) or 0)
         ok = math.isfinite(mass) and mass <= 1 + tolerance
         verdicts.append(ok)
         shown.append(
@@ -540,21 +425,21 @@ def _teacher_logits(w: _Workdir, judge: _Judge) -> Contract:
     )
 
 
-def _online_teacher_rows(w: _Workdir) -> tuple[Status, str, str] | None:
+def _online_teacher_rows(w: Workdir) -> tuple[Status, str, str] | None:
     """006 from distill stages whose teacher ran online: each records the top-k rows its
     teacher computed (`teacher_rows`: rows checked, largest probability mass, non-finite
     rows); None when no distill stage has such figures."""
     from albor.train.teacher import row_mass_tolerance
 
-    stages, _ = _usable(w.of_kind("distill"))
+    stages, _ = usable(w.of_kind("distill"))
     verdicts, shown = [], []
     for s in stages:
-        rows = _metrics(s).get("teacher_rows")
+        rows = metrics_of(s).get("teacher_rows")
         if not isinstance(rows, dict):
             continue
-        checked = int(_number(rows.get("rows_checked")) or 0)
-        mass, top_k = _number(rows.get("max_row_mass")), int(_number(rows.get("top_k")) or 0)
-        bad = int(_number(rows.get("nonfinite_rows")) or 0)
+        checked = int(number(rows.get("rows_checked")) or 0)
+        mass, top_k = number(rows.get("max_row_mass")), int(number(rows.get("top_k")) or 0)
+        bad = int(number(rows.get("nonfinite_rows")) or 0)
         if checked < 1 or top_k < 1 or (mass is None and bad == 0):
             continue
         # Online rows are fp32 (no fp16 storage): the stored rows' tolerance bounds them too.
@@ -574,22 +459,22 @@ def _online_teacher_rows(w: _Workdir) -> tuple[Status, str, str] | None:
     )
 
 
-def _slerp(w: _Workdir, judge: _Judge) -> Contract:
-    stages, problems = _usable(w.of_kind("merge"))
+def _slerp(w: Workdir, judge: _Judge) -> Contract:
+    stages, problems = usable(w.of_kind("merge"))
     verdicts, shown = [], []
     for s in stages:
-        m = _metrics(s)
+        m = metrics_of(s)
         if m.get("method") != "slerp":
             problems.append(f"{s.name}: method {m.get('method')}, not slerp")
             continue
         norms = m.get("slerp_norms")
-        if not isinstance(norms, dict) or _number(norms.get("max_ratio_to_bound")) is None:
+        if not isinstance(norms, dict) or number(norms.get("max_ratio_to_bound")) is None:
             problems.append(f"{s.name}: its manifest has no slerp_norms (merged by an older albor)")
             continue
         tol = rounding_tolerance(str(m.get("dtype")))
         to_bound = float(norms["max_ratio_to_bound"])
         verdicts.append(to_bound <= 1 + tol)
-        obtuse = int(_number(norms.get("obtuse_tensors")) or 0)
+        obtuse = int(number(norms.get("obtuse_tensors")) or 0)
         shown.append(
             f"{s.name} max ||merged||/max(||a||,||b||) {float(norms['max_ratio']):.4f}, "
             f"{to_bound:.4f} of the bound, {obtuse} of {norms.get('tensors')} tensors obtuse"
@@ -606,14 +491,14 @@ def _slerp(w: _Workdir, judge: _Judge) -> Contract:
     )
 
 
-def _sparsity(w: _Workdir, judge: _Judge) -> Contract:
+def _sparsity(w: Workdir, judge: _Judge) -> Contract:
     from albor.model.transforms.prune import zero_count
 
-    stages, problems = _usable(w.of_kind("prune"))
+    stages, problems = usable(w.of_kind("prune"))
     verdicts, shown = [], []
     for s in stages:
-        m = _metrics(s)
-        requested = _number(m.get("requested_sparsity"))
+        m = metrics_of(s)
+        requested = number(m.get("requested_sparsity"))
         tensors = m.get("tensors")
         if m.get("method") == "depth" or requested is None or not isinstance(tensors, dict):
             problems.append(f"{s.name}: method {m.get('method')} requests no sparsity")
@@ -640,11 +525,11 @@ def _sparsity(w: _Workdir, judge: _Judge) -> Contract:
     )
 
 
-def _quantization(w: _Workdir, judge: _Judge) -> Contract:
-    stages, problems = _usable(w.of_kind("quantize"))
+def _quantization(w: Workdir, judge: _Judge) -> Contract:
+    stages, problems = usable(w.of_kind("quantize"))
     verdicts, shown = [], []
     for s in stages:
-        variants = _metrics(s).get("variants")
+        variants = metrics_of(s).get("variants")
         if not isinstance(variants, dict):
             problems.append(f"{s.name}: no variants in its manifest")
             continue
@@ -652,7 +537,7 @@ def _quantization(w: _Workdir, judge: _Judge) -> Contract:
             row = variants.get(name)
             if not isinstance(row, dict):
                 continue
-            increase = _number(row.get("val_bpb_increase"))
+            increase = number(row.get("val_bpb_increase"))
             if increase is None:
                 problems.append(f"{s.name} {name}: no val_bpb_increase")
                 continue
@@ -669,7 +554,7 @@ def _quantization(w: _Workdir, judge: _Judge) -> Contract:
     )
 
 
-_CONTRACTS: dict[str, Callable[[_Workdir, _Judge], Contract]] = {
+_CONTRACTS: dict[str, Callable[[Workdir, _Judge], Contract]] = {
     "FALSIFY-ALBOR-001": _loss_decreases,
     "FALSIFY-ALBOR-002": _grad_norms,
     "FALSIFY-ALBOR-003": _determinism,
@@ -687,7 +572,7 @@ def evaluate_contracts(workdir: Path) -> list[Contract]:
     what the workdir holds: a missing or malformed manifest makes its contract `not run` with
     the reason."""
     workdir = Path(workdir)
-    w = _Workdir(workdir)
+    w = Workdir(workdir)
     found = []
     for contract_id, decide in _CONTRACTS.items():
         missing = None if workdir.is_dir() else f"{workdir} is not a directory"
