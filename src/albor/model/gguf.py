@@ -115,11 +115,11 @@ def _iter_weights(directory: Path, cfg: ModelConfig) -> Iterator[tuple[str, np.n
     import torch
     from safetensors import safe_open
 
-    from albor.model.hf import _weight_files
+    from albor.model.hf import weight_files
 
     wanted = expected_shapes(cfg)
     found: dict[str, np.ndarray] = {}
-    for fname, names in _weight_files(directory).items():
+    for fname, names in weight_files(directory).items():
         path = directory / fname
         if not path.exists():
             raise ArtifactError(f"{path} is named in the safetensors index but missing")

@@ -232,7 +232,7 @@ def load_config(directory: str | os.PathLike[str]) -> ModelConfig:
     return from_hf_config(d)
 
 
-def _weight_files(directory: Path) -> dict[str, list[str]]:
+def weight_files(directory: Path) -> dict[str, list[str]]:
     """Safetensors file -> tensor names, from the index when sharded."""
     single, index = directory / WEIGHTS_FILE, directory / INDEX_FILE
     if single.exists():
@@ -272,7 +272,7 @@ def load_pretrained(
         del expected["lm_head.weight"]
     state: dict[str, torch.Tensor] = {}
     extra_head: torch.Tensor | None = None
-    for fname, names in _weight_files(directory).items():
+    for fname, names in weight_files(directory).items():
         path = directory / fname
         if not path.exists():
             raise ArtifactError(f"{path} is named in {INDEX_FILE} but missing")

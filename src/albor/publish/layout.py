@@ -150,10 +150,10 @@ def _files_under(directory: Path, prefix: str = "") -> dict[str, Path]:
 def read_checkpoint(directory: Path) -> ModelInput:
     """A checkpoint artifact's model files; ArtifactError naming what is missing and the fix."""
     from albor.data.bpe import TOKENIZER_FILES, TOKENIZER_JSON
-    from albor.model.hf import INDEX_FILE, _weight_files
+    from albor.model.hf import INDEX_FILE, weight_files
 
     manifest = require_artifact(directory, CHECKPOINT_STAGES)
-    weights = list(_weight_files(directory))
+    weights = list(weight_files(directory))
     if len(weights) > 1:
         weights.append(INDEX_FILE)
     needed = ["config.json", TOKENIZER_JSON, *weights]

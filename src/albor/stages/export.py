@@ -127,11 +127,11 @@ def read_model(directory: Path) -> ModelInfo:
     """Headers only: config.json, the safetensors index or header, the tokenizer files."""
     from albor.artifact import read_manifest
     from albor.data.bpe import special_tokens
-    from albor.model.hf import _weight_files, load_config
+    from albor.model.hf import load_config, weight_files
 
     read_manifest(directory)  # the stage fingerprints its input: it must be an artifact
     mc = load_config(directory)
-    files = _weight_files(directory)
+    files = weight_files(directory)
     tok = read_tokenizer_json(directory)
     specials = special_tokens(directory)
     tok_bytes = sum(

@@ -182,7 +182,7 @@ def read_model(directory: Path) -> ModelInfo:
 
     from albor.artifact import sha256_file
     from albor.data.bpe import TOKENIZER_JSON
-    from albor.model.hf import CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, _weight_files
+    from albor.model.hf import CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, weight_files
     from albor.model.load import require_checkpoint
 
     config = require_checkpoint(directory, "model")
@@ -192,7 +192,7 @@ def read_model(directory: Path) -> ModelInfo:
     shapes: dict[str, tuple[int, ...]] = {}
     path = directory / WEIGHTS_FILE  # the file read first; a shard's path once it is read
     try:
-        files = _weight_files(directory)
+        files = weight_files(directory)
         for fname, names in files.items():
             path = directory / fname
             if not path.is_file():

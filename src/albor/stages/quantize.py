@@ -139,7 +139,7 @@ class Source:
 
 
 def read_source(directory: Path) -> Source:
-    from albor.model.hf import CONFIG_FILE, _weight_files
+    from albor.model.hf import CONFIG_FILE, weight_files
     from albor.model.load import require_checkpoint
     from albor.model.quantized import read_spec
 
@@ -150,7 +150,7 @@ def read_source(directory: Path) -> Source:
             "quantize the full-precision checkpoint it came from"
         )
     raw = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
-    size = sum((directory / f).stat().st_size for f in _weight_files(directory))
+    size = sum((directory / f).stat().st_size for f in weight_files(directory))
     return Source(directory, config, raw, size)
 
 
