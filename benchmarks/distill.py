@@ -37,11 +37,11 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import albor
 
+from ladder_data import build_data, training_recipe
+
 from albor.config import validate
-from albor.pipeline import apply_pipeline, load_pipeline
 from albor.stage import load_stage, run_stage
 
-DATA_STAGES = ("ingest", "clean", "dedup", "decontaminate", "split", "tokenizer", "tokenize")
 STUDENT = {
     "hidden_size": 128,
     "num_layers": 2,
@@ -76,10 +76,8 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=65536)
     args = ap.parse_args()
 
-    pipe = load_pipeline(None, workdir=args.workdir / "data")
-    apply_pipeline(pipe, only=DATA_STAGES)
-    data = args.workdir / "data" / "tokenize"
-    recipe = pipe.nodes["pretrain"].config.model_dump(mode="json", exclude_none=True)
+    data = build_data(args.workdir / "data")
+    recipe = training_recipe()  # the ladder teacher's model and recipe, trained here by steps
     common = {
         **recipe,
         "data": str(data),
@@ -88,11 +86,15 @@ def main() -> None:
         "eval_tokens": args.eval_tokens,
         "checkpoint_every": 10**6,
     }
-    for key in ("max_time", "output"):
-        common.pop(key, None)
     teacher_dir = args.workdir / f"teacher-{args.teacher_steps}"
     teacher, teacher_s = train(
-        "pretrain", {**common, "max_steps": args.teacher_steps, "output": str(teacher_dir)}
+        "pretrain",
+        {
+            **common,
+            "max_steps": args.teacher_steps,
+            "warmup_steps": min(recipe["warmup_steps"], args.teacher_steps // 10),
+            "output": str(teacher_dir),
+        },
     )
     vocab = {"vocab_size": recipe.get("architecture", {}).get("vocab_size") or None}
     student = {

@@ -49,11 +49,11 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import albor
 
+from ladder_data import build_data, training_recipe
+
 from albor.config import validate
-from albor.pipeline import apply_pipeline, load_pipeline
 from albor.stage import load_stage, run_stage
 
-DATA_STAGES = ("ingest", "clean", "dedup", "decontaminate", "split", "tokenizer", "tokenize")
 DISTILL = Path(tempfile.gettempdir()) / "albor-distill"
 PRUNINGS = {
     "magnitude": {"method": "magnitude"},
@@ -68,11 +68,8 @@ def demo_model(model: Path, data: Path, workdir: Path, steps: int) -> tuple[Path
     the default manifest's data stages under `workdir`, as benchmarks/distill.py trains it."""
     if (model / "model.safetensors").is_file() and (data / "index.json").is_file():
         return model, data
-    pipe = load_pipeline(None, workdir=workdir / "data")
-    apply_pipeline(pipe, only=DATA_STAGES)
-    data = workdir / "data" / "tokenize"
-    recipe = pipe.nodes["pretrain"].config.model_dump(mode="json", exclude_none=True)
-    recipe.pop("max_time", None)
+    data = build_data(workdir / "data")
+    recipe = training_recipe()
     model = workdir / f"teacher-{steps}"
     settings = {
         **recipe,

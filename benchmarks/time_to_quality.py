@@ -63,29 +63,20 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import albor
 
+from ladder_data import build_data, training_recipe
+
 from albor.config import apply_overrides, validate
 from albor.errors import AlborError, ConfigError
-from albor.pipeline import apply_pipeline, load_pipeline
 
 VOCAB_SIZE = 8192
 SEQ_LEN = 256
 MICRO_BATCH = 8
 LOG_EVERY = 10  # albor's metrics lines, and the plain loop's loss readings (nanoGPT's interval)
-DATA_STAGES = ("ingest", "clean", "dedup", "decontaminate", "split", "tokenizer", "tokenize")
-
-
-def build_data(workdir: Path) -> Path:
-    """The stdlib tokenize artifact with a vocab-8192 tokenizer, built by the default manifest's
-    stages under `workdir` (up-to-date stages are skipped, so a second run reuses it)."""
-    pipe = load_pipeline(None, [f"tokenizer.vocab_size={VOCAB_SIZE}"], workdir=workdir)
-    apply_pipeline(pipe, only=DATA_STAGES)
-    return workdir / "tokenize"
 
 
 def recipe_pretrain(data: Path) -> dict[str, Any]:
-    """The default manifest's pretrain settings (lr, warmup, schedule floor, weight decay...)."""
-    found = load_pipeline(None).nodes["pretrain"].config.model_dump(mode="json")
-    return {**found, "data": str(data)}
+    """The default manifest's teacher settings (lr, warmup, schedule floor, weight decay...)."""
+    return {**training_recipe(), "data": str(data)}
 
 
 def resolve_precision(settings: dict[str, Any]) -> tuple[str, str]:
@@ -363,7 +354,10 @@ def measure() -> None:
     import torch
 
     workdir = args.workdir.resolve()
-    data = args.data.resolve() if args.data is not None else build_data(workdir / "data")
+    if args.data is not None:
+        data = args.data.resolve()
+    else:  # the stdlib data stages with a vocab-8192 tokenizer, built once under the workdir
+        data = build_data(workdir / "data", [f"tokenizer.vocab_size={VOCAB_SIZE}"])
     from albor.data.shards import TokenIndex
 
     vocab = TokenIndex.load(data).vocab_size
