@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 import sysconfig
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +71,26 @@ def write_corpus_artifact(
     return directory
 
 
+def stdlib_texts(names: list[str]) -> list[tuple[str, str]]:
+    """(name, source) of the stdlib modules `names`."""
+    return [(name, (STDLIB / name).read_text(encoding="utf-8")) for name in names]
+
+
+def mine_pairs(
+    root: Path, texts: list[tuple[str, str]], val: float = 0.2, test: float = 0.1
+) -> tuple[Path, Path]:
+    """The split and pairs artifacts the real stages make of `texts` under `root`."""
+    from albor.stage import load_stage, run_stage
+    from albor.stages import pairs, split
+
+    corpus = write_corpus_artifact(root / "corpus", texts)
+    splits = run_stage(
+        load_stage("split"), split.Config(input=corpus, output=root / "split", val=val, test=test)
+    ).output
+    found = run_stage(load_stage("pairs"), pairs.Config(input=splits, output=root / "pairs"))
+    return splits, found.output
+
+
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     """Run the CLI in-process: (exit code, stdout, stderr)."""
     from albor.cli import main
@@ -120,3 +145,35 @@ def crash_at_20_and_resume(stage: str, cfg: Any, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(checkpoint, "save", real)
     metrics: dict[str, Any] = run_stage(load_stage(stage), cfg).manifest["metrics"]
     return metrics
+
+
+# ----- a stage applied by another process, killed and resumed --------------------------------
+
+
+def apply_command(verb: str, cfg: Path) -> list[str]:
+    """`python -m albor VERB apply CFG`, as a user runs it."""
+    return [sys.executable, "-m", "albor", verb, "apply", str(cfg)]
+
+
+def launch_apply(verb: str, cfg: Path) -> subprocess.Popen[str]:
+    """`apply_command(verb, cfg)` in a child process, its output captured."""
+    command = apply_command(verb, cfg)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(proc: subprocess.Popen[str], ready: Callable[[], bool], what: str) -> None:
+    """Poll `ready` until it holds; fail when `proc` ends first or after 120 s."""
+    deadline = time.monotonic() + 120
+    while not ready():
+        assert proc.poll() is None, f"the run ended before {what}: {proc.communicate()}"
+        assert time.monotonic() < deadline, f"no {what} after 120 s"
+        time.sleep(0.005)
+
+
+def last_step(metrics: Path) -> int:
+    """The newest step in a metrics file another process is writing (0 before the first)."""
+    found = [0]
+    if metrics.exists():
+        for line in metrics.read_text().splitlines():
+            found += [int(n) for n in re.findall(r'^\{"step": (\d+), "loss"', line)]
+    return max(found)

@@ -5,9 +5,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
-import time
-from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -25,7 +22,15 @@ from albor.train import checkpoint, objectives
 from albor.train.loop import prefetches
 from albor.train.objectives import NextToken
 from albor.train.settings import model_config
-from helpers import crash_at_20_and_resume, pretrain_config, run
+from helpers import (
+    apply_command,
+    crash_at_20_and_resume,
+    last_step,
+    launch_apply,
+    pretrain_config,
+    run,
+    wait_for,
+)
 
 
 def tiny(data: Path, out: Path, **kw: Any) -> pretrain.Config:
@@ -262,31 +267,6 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_still_matches(
     assert_same_run(straight, tmp_path / "out")
 
 
-def last_step(metrics: Path) -> int:
-    """The newest step in a metrics file another process is writing (0 before the first)."""
-    found = [0]
-    if metrics.exists():
-        for line in metrics.read_text().splitlines():
-            found += [int(n) for n in re.findall(r'^\{"step": (\d+), "loss"', line)]
-    return max(found)
-
-
-def command(cfg: Path) -> list[str]:
-    return [sys.executable, "-m", "albor", "train", "apply", str(cfg)]
-
-
-def launch(cfg: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(command(cfg), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for(proc: subprocess.Popen[str], ready: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + 120
-    while not ready():
-        assert proc.poll() is None, f"the run ended before {what}: {proc.communicate()}"
-        assert time.monotonic() < deadline, f"no {what} after 120 s"
-        time.sleep(0.01)
-
-
 def test_killed_or_stopped_anywhere_the_run_resumes_bit_for_bit(
     token_data: Path, tmp_path: Path, straight: Path
 ) -> None:
@@ -299,14 +279,14 @@ def test_killed_or_stopped_anywhere_the_run_resumes_bit_for_bit(
     metrics = partial / "metrics.jsonl"
 
     # 1. SIGKILL as soon as the step-20 checkpoint exists (the run is mid-step or mid-save).
-    proc = launch(cfg)
+    proc = launch_apply("train", cfg)
     wait_for(proc, (partial / "checkpoints" / "step-0000020" / "checkpoint.json").exists, "step 20")
     proc.kill()
     assert proc.wait() == -signal.SIGKILL
 
     # 2. SIGTERM between checkpoints: a clean stop that saves a checkpoint where it is.
     seen = last_step(metrics)
-    proc = launch(cfg)
+    proc = launch_apply("train", cfg)
     wait_for(proc, lambda: last_step(metrics) >= seen + 13, "13 more steps")
     os.kill(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
@@ -317,13 +297,13 @@ def test_killed_or_stopped_anywhere_the_run_resumes_bit_for_bit(
 
     # 3. SIGKILL between checkpoints: the steps since the last one are lost, and replayed.
     seen = last_step(metrics)
-    proc = launch(cfg)
+    proc = launch_apply("train", cfg)
     wait_for(proc, lambda: last_step(metrics) >= seen + 17, "17 more steps")
     proc.kill()
     assert proc.wait() == -signal.SIGKILL
 
     # 4. To the end.
-    done = subprocess.run(command(cfg), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(apply_command("train", cfg), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     manifest = read_manifest(tmp_path / "out")["metrics"]
     assert manifest["resumed_from"] >= int(stopped[1]) and manifest["resume_warnings"] == []

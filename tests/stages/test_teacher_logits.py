@@ -227,6 +227,29 @@ def test_plan_refuses_another_tokenizer_and_a_window_past_the_context(
     assert found["top_k"].startswith("fail: top_k 600 exceeds")
 
 
+def test_plan_refuses_a_teacher_without_a_row_for_every_data_id_and_a_file(
+    small_data: Path, trained_model: Path, tmp_path: Path
+) -> None:
+    """A teacher with the data's tokenizer.json but fewer embedding rows would index past its
+    table on the first window; a file where a directory belongs is named as a file."""
+    teacher = tmp_path / "teacher"
+    shutil.copytree(trained_model, teacher)
+    config = json.loads((teacher / "config.json").read_text())
+    config["vocab_size"] = 400
+    (teacher / "config.json").write_text(json.dumps(config))
+    p = teacher_logits.plan(logits_config(small_data, teacher, tmp_path / "a"))
+    found = checks(p)
+    assert found["teacher vocab"].startswith(f"fail: the teacher {teacher} has 400 ids")
+    assert "data's tokenizer 512" in found["teacher vocab"] and not p.ok
+
+    a_file = trained_model / "config.json"
+    found = checks(teacher_logits.plan(logits_config(small_data, a_file, tmp_path / "b")))
+    assert found["teacher"] == (
+        f"fail: teacher {a_file} is a file: point teacher at the checkpoint directory that "
+        "holds config.json, model.safetensors and tokenizer.json"
+    )
+
+
 def test_a_killed_run_resumes_without_redoing_a_finished_shard(
     small_data: Path,
     trained_model: Path,

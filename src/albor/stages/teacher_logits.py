@@ -153,6 +153,15 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
     if index is None or facts is None:
         return p
     vocab = facts.config.vocab_size
+    p.require(
+        "teacher vocab",
+        vocab >= index.vocab_size,
+        f"the teacher's {vocab:,} ids cover the data's {index.vocab_size:,}",
+        f"the teacher {cfg.teacher} has {vocab:,} ids (config.json vocab_size) but the data's "
+        f"tokenizer {index.vocab_size:,}: the data holds ids the teacher has no row for; use "
+        "the teacher the tokenizer belongs to, or tokenize the corpus with the teacher's "
+        "tokenizer",
+    )
     positions = sum(_windows(index, cfg.seq_len)) * cfg.seq_len
     per_position = cfg.top_k * (token_dtype(vocab).itemsize + 2)
     _check_disk(p, cfg, positions * per_position, per_position)

@@ -64,11 +64,17 @@ class TeacherFacts:
         return flops_per_token(self.config, seq_len) / 3
 
 
-def read_teacher(directory: Path) -> TeacherFacts:
-    """The teacher's config, size and tokenizer identity; ArtifactError naming what is missing."""
+def read_teacher(directory: Path, role: str = "teacher") -> TeacherFacts:
+    """The config, size and tokenizer identity of the checkpoint a stage reads as its `role`
+    (teacher, student); ArtifactError naming what is missing."""
     from albor.model.load import require_checkpoint
 
-    config = require_checkpoint(directory, "teacher")
+    if directory.is_file():
+        raise ArtifactError(
+            f"{role} {directory} is a file: point {role} at the checkpoint directory that holds "
+            "config.json, model.safetensors and tokenizer.json"
+        )
+    config = require_checkpoint(directory, role)
     tokenizer = directory / TOKENIZER_JSON
     return TeacherFacts(
         directory=directory,
@@ -136,22 +142,25 @@ def tokenizer_differences(teacher: Path, student: Path) -> list[str]:
     return found
 
 
-def check_tokenizer(p: Plan, teacher: Path, data: Path) -> bool:
-    """The plan check that the teacher in directory `teacher` speaks the tokenizer of the token
-    data in `data`; False (with a failing check saying how they differ and what to do) if not."""
+def check_tokenizer(
+    p: Plan, teacher: Path, data: Path, *, role: str = "teacher", check: str = "tokenizer"
+) -> bool:
+    """The plan check `check` that the model in directory `teacher` (the run's `role`: teacher,
+    student) speaks the tokenizer of the token data in `data`; False (with a failing check
+    saying how they differ and what to do) if not."""
     try:
         differences = tokenizer_differences(teacher, data)
     except ArtifactError as e:
-        p.add("tokenizer", "fail", str(e))
+        p.add(check, "fail", str(e))
         return False
     return p.require(
-        "tokenizer",
+        check,
         not differences,
-        "the teacher and the data share one tokenizer",
-        f"the teacher's tokenizer differs from the data's: {'; '.join(differences)}. Logit "
-        "distillation compares distributions id by id: tokenize the corpus with the teacher's "
-        "tokenizer (tokenizer stage `adopt: TEACHER_DIR`), or use a teacher trained on this "
-        "tokenizer",
+        f"the {role} and the data share one tokenizer",
+        f"the {role}'s tokenizer differs from the data's: {'; '.join(differences)}. Logit "
+        "distillation compares distributions id by id: tokenize the corpus with the "
+        f"{role}'s tokenizer (tokenizer stage `adopt: {role.upper()}_DIR`), or use a {role} "
+        "trained on this tokenizer",
     )
 
 
@@ -258,6 +267,12 @@ class LogitsIndex:
     def load(cls, directory: Path) -> LogitsIndex:
         """The index of the finished teacher_logits artifact in `directory` (only its manifest
         and index are read); ArtifactError naming what is wrong."""
+        if not directory.is_dir():
+            what = "is a file" if directory.exists() else "does not exist"
+            raise ArtifactError(
+                f"teacher_logits {directory} {what}: point it at the output directory of a "
+                "teacher_logits stage (run `albor teacher_logits apply` first)"
+            )
         require_artifact(directory, LOGITS_STAGE)
         path = directory / LOGITS_INDEX
         try:
@@ -276,29 +291,35 @@ class LogitsIndex:
             ) from e
 
 
-def verify_logits(directory: Path) -> int:
-    """Re-hash every file of the teacher_logits artifact in `directory` against its manifest
-    before a student trains on it; ArtifactError naming the first file that is missing, of
-    another size or another sha256. Returns the bytes checked."""
+def verify_logits(directory: Path, *, hashes: bool = True) -> int:
+    """Check every file of the teacher_logits artifact in `directory` against its manifest:
+    present and of its size, and (`hashes`) of its sha256, which reads every byte; the plan
+    checks sizes (cheap: a truncated file), apply hashes before a student trains on them.
+    ArtifactError naming the first file that is missing, of another size or another sha256.
+    Returns the bytes checked."""
     from albor import progress
 
     outputs = require_artifact(directory, LOGITS_STAGE)["outputs"]
     total = sum(int(o["bytes"]) for o in outputs)
+    fix = "re-run the teacher_logits stage (its output was changed or damaged)"
+    for out in outputs:
+        path = directory / out["path"]
+        if not path.is_file():
+            raise ArtifactError(f"{path}: listed in the manifest but missing: {fix}")
+        size = path.stat().st_size
+        if size != out["bytes"]:
+            raise ArtifactError(
+                f"{path}: {size:,} bytes where the manifest records {out['bytes']:,} "
+                f"(truncated or changed): {fix}"
+            )
+    if not hashes:
+        return total
     with progress.bar("verify teacher logits", total, unit="bytes") as bar:
         for out in outputs:
             path = directory / out["path"]
-            fix = "re-run the teacher_logits stage (its output was changed or damaged)"
-            if not path.is_file():
-                raise ArtifactError(f"{path}: listed in the manifest but missing: {fix}")
-            size = path.stat().st_size
-            if size != out["bytes"]:
-                raise ArtifactError(
-                    f"{path}: {size:,} bytes where the manifest records {out['bytes']:,} "
-                    f"(truncated or changed): {fix}"
-                )
             if sha256_file(path) != out["sha256"]:
                 raise ArtifactError(f"{path}: sha256 differs from the manifest's: {fix}")
-            bar.advance(size)
+            bar.advance(int(out["bytes"]))
     return total
 
 
