@@ -168,6 +168,19 @@ def test_body_on_the_docstring_line_and_stub_variants() -> None:
     assert pairs.mine('def f():\n    b"x"\n    return 1\n').rejected == {"no_docstring": 1}
 
 
+def test_lambdas_and_class_docstrings_give_no_pair() -> None:
+    # A lambda has no docstring to cut at and a class's docstring documents no body: neither is
+    # a function here, so neither is counted; the method inside the class still is.
+    source = (
+        'square = lambda x: x * x\n\n\nclass C:\n    """A class."""\n\n'
+        '    def m(self):\n        """Method."""\n        return (lambda: 1)()\n'
+    )
+    mined = pairs.mine(source)
+    assert mined.functions == 1 and mined.rejected == {}
+    [pair] = mined.pairs
+    assert pair.name == "C.m" and pair.completion == "        return (lambda: 1)()\n"
+
+
 @pytest.mark.parametrize(
     ("source", "error"),
     [

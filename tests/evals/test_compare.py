@@ -19,9 +19,15 @@ from albor.evals.compare import Comparison, compare, table
 from albor.model.gpt import GPT
 from albor.model.hf import save_pretrained
 from albor.model.presets import preset
-from albor.stage import load_stage, run_stage
-from albor.stages import distill, evaluate, finetune, pairs, pretrain, prune, quantize, split
-from helpers import STDLIB, STDLIB_SAMPLE, pretrain_config, run, write_corpus_artifact
+from albor.stage import run_stage
+from albor.stages import distill, evaluate, finetune, pretrain, prune, quantize
+from helpers import (
+    STDLIB_SAMPLE,
+    mine_pairs,
+    pretrain_config,
+    run,
+    stdlib_texts,
+)
 
 # prune and quantize score the same first val windows: their bits/byte compare.
 SCORED = {"eval_tokens": 1024, "seq_len": 64}
@@ -60,14 +66,7 @@ def artifacts(token_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     p = prune.Config.model_validate(
         {"model": model, "data": token_data, "output": root / "prune", "sparsity": 0.5, **SCORED}
     )
-    texts = [(name, (STDLIB / name).read_text(encoding="utf-8")) for name in STDLIB_SAMPLE]
-    corpus = write_corpus_artifact(root / "corpus", texts)
-    splits = run_stage(
-        load_stage("split"), split.Config(input=corpus, output=root / "split", val=0.2, test=0.1)
-    ).output
-    pairs_data = run_stage(
-        load_stage("pairs"), pairs.Config(input=splits, output=root / "pairs")
-    ).output
+    _, pairs_data = mine_pairs(root, stdlib_texts(STDLIB_SAMPLE))
     f = finetune.Config.model_validate(
         {
             "base": model,

@@ -25,8 +25,8 @@ from albor.data.pair_windows import (
 from albor.evals.perplexity import score_masked
 from albor.model.hf import load_pretrained
 from albor.stage import PlanContext, load_stage, run_stage
-from albor.stages import evaluate, pairs, split
-from helpers import write_corpus_artifact
+from albor.stages import evaluate
+from helpers import mine_pairs
 
 # Short functions (every pair fits the tiny preset's 128-token window), one with a body that is
 # not ASCII, so that bytes and characters differ.
@@ -47,11 +47,7 @@ SOURCES = {
 def pair_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A pairs artifact of `SOURCES`, all in the train split, made by the real stages."""
     root = tmp_path_factory.mktemp("pair_data")
-    corpus = write_corpus_artifact(root / "corpus", list(SOURCES.items()))
-    splits = run_stage(
-        load_stage("split"), split.Config(input=corpus, output=root / "split", val=0, test=0)
-    ).output
-    return run_stage(load_stage("pairs"), pairs.Config(input=splits, output=root / "pairs")).output
+    return mine_pairs(root, list(SOURCES.items()), val=0, test=0)[1]
 
 
 def test_plan_checks_the_pairs_and_the_tokenizer(

@@ -16,8 +16,8 @@ from albor.data.bpe import load_tokenizer, token_byte_lengths
 from albor.data.shards import open_split
 from albor.model.hf import load_pretrained
 from albor.stage import PlanContext, load_stage, run_stage
-from albor.stages import evaluate, split
-from helpers import STDLIB, STDLIB_SAMPLE, run, write_corpus_artifact
+from albor.stages import evaluate
+from helpers import STDLIB, STDLIB_SAMPLE, mine_pairs, run, stdlib_texts
 
 
 def test_plan(token_data: Path, tmp_path: Path) -> None:
@@ -326,16 +326,9 @@ def finetuned(trained_model: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     from test_finetune import MORE_MODULES
     from test_finetune import config as finetune_config
 
-    from albor.stages import pairs
-
     root = tmp_path_factory.mktemp("finetuned")
     names = STDLIB_SAMPLE + [m for m in MORE_MODULES if (STDLIB / m).is_file()]
-    texts = [(name, (STDLIB / name).read_text(encoding="utf-8")) for name in names]
-    corpus = write_corpus_artifact(root / "corpus", texts)
-    splits = run_stage(
-        load_stage("split"), split.Config(input=corpus, output=root / "split", val=0.2, test=0.1)
-    ).output
-    data = run_stage(load_stage("pairs"), pairs.Config(input=splits, output=root / "pairs")).output
+    _, data = mine_pairs(root, stdlib_texts(names))
     cfg = finetune_config(
         trained_model, data, root / "finetune", eval_every=40, checkpoint_every=40
     )

@@ -17,9 +17,15 @@ from albor.data.pair_windows import eval_batches
 from albor.evals.perplexity import score_masked
 from albor.model.hf import load_pretrained
 from albor.stage import load_stage, run_stage
-from albor.stages import finetune, pairs, split
+from albor.stages import finetune
 from albor.train.lora import LINEAR_TARGETS
-from helpers import STDLIB, STDLIB_SAMPLE, crash_at_20_and_resume, write_corpus_artifact
+from helpers import (
+    STDLIB,
+    STDLIB_SAMPLE,
+    crash_at_20_and_resume,
+    mine_pairs,
+    stdlib_texts,
+)
 
 ROOT_FILES = {
     "config.json",
@@ -34,6 +40,10 @@ ROOT_FILES = {
     "manifest.json",
     "adapter/adapter_config.json",
     "adapter/adapter_model.safetensors",
+    # The adapter travels with the tokenizer, as the merged model does.
+    "adapter/tokenizer.json",
+    "adapter/tokenizer_config.json",
+    "adapter/special_tokens_map.json",
 }
 
 
@@ -58,12 +68,7 @@ def pairs_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     `MORE_MODULES`, split as `token_data` is (so no val pair comes from a file the base saw)."""
     root = tmp_path_factory.mktemp("pairs_data")
     names = STDLIB_SAMPLE + [m for m in MORE_MODULES if (STDLIB / m).is_file()]
-    texts = [(name, (STDLIB / name).read_text(encoding="utf-8")) for name in names]
-    corpus = write_corpus_artifact(root / "corpus", texts)
-    splits = run_stage(
-        load_stage("split"), split.Config(input=corpus, output=root / "split", val=0.2, test=0.1)
-    ).output
-    return run_stage(load_stage("pairs"), pairs.Config(input=splits, output=root / "pairs")).output
+    return mine_pairs(root, stdlib_texts(names))[1]
 
 
 def config(base: Path, data: Path, out: Path, **kw: Any) -> finetune.Config:
@@ -138,6 +143,18 @@ def test_plan_refuses_token_shards_as_pairs(
 ) -> None:
     found = checks(finetune.plan(config(trained_model, token_data, tmp_path / "out")))
     assert found["data"].startswith("fail") and "holds no train.parquet" in found["data"]
+
+
+def test_plan_refuses_a_split_artifact_as_pairs(
+    trained_model: Path, pairs_data: Path, tmp_path: Path
+) -> None:
+    # A split artifact has a train.parquet too, of whole documents: the plan once passed it and
+    # the run failed after loading the base.
+    splits = pairs_data.parent / "split"
+    found = checks(finetune.plan(config(trained_model, splits, tmp_path / "out")))
+    assert found["data"].startswith("fail"), found
+    assert "no prompt and completion columns" in found["data"]
+    assert "point `data:` at the output of the pairs stage" in found["data"]
 
 
 def val_loss_of_the_base(base: Path, data: Path, cfg: finetune.Config) -> float:

@@ -187,6 +187,10 @@ def test_planted_humaneval_solution_is_contaminated(
     assert by_reason["duplicate"]["path"] == "copy.py"
     assert [r["path"] for r in all_pairs(out)] == ["doc.py"]
     assert result.manifest["metrics"]["pairs_contaminated"] == {"humaneval": 1}
+    # The plan does not decontaminate: a corpus of benchmark copies alone fails at apply.
+    alone = split_of(corpus_artifact([docs[0]], name="alone"), tmp_path / "s2", val=0, test=0)
+    with pytest.raises(DataError, match=r"none of 1 candidates .*'contaminated': 1"):
+        run_stage(pairs, config(alone, tmp_path / "o2"))
 
 
 def test_limits_reject_by_reason(corpus_artifact: Callable[..., Path], tmp_path: Path) -> None:
@@ -197,8 +201,30 @@ def test_limits_reject_by_reason(corpus_artifact: Callable[..., Path], tmp_path:
     assert result.manifest["counts"]["rejected"]["completion_too_long"] == 1
     short = run_stage(pairs, config(splits, tmp_path / "o2", min_completion_lines=2))
     assert short.manifest["counts"]["rejected"]["completion_too_short"] == 1
-    with pytest.raises(DataError, match="none of 3 candidates"):
+    # The plan mines the (small) corpus: limits no pair fits fail before apply writes anything.
+    with pytest.raises(PlanFailed, match="2 pairs in 2 documents, none within the limits"):
         run_stage(pairs, config(splits, tmp_path / "o3", max_prompt_chars=5))
+    assert not (tmp_path / "o3").exists()
+
+
+def test_plan_fails_on_a_corpus_without_documented_functions(
+    corpus_artifact: Callable[..., Path], tmp_path: Path
+) -> None:
+    docs = [
+        ("a.py", "def f(x):\n    return x\n"),
+        ("b.py", 'class A:\n    """A class docstring gives no pair."""\n    x = 1\n'),
+        ("c.py", 'def g():\n    """Stub."""\n    ...\n'),
+    ]
+    splits = split_of(corpus_artifact(docs), tmp_path / "s", val=0, test=0)
+    p = pairs.plan(config(splits, tmp_path / "out"))
+    [failure] = p.failures
+    assert failure.name == "pairs" and str(splits) in failure.detail
+    assert "none with a docstring and a body" in failure.detail
+    assert "no_docstring 1, stub_body 1" in failure.detail and "point `input:` at" in failure.detail
+    # JSONL records may still give pairs: then it is a warning, and apply decides.
+    records = tmp_path / "r.jsonl"
+    records.write_text(json.dumps({"prompt": "def f():\n", "completion": "    return 1\n"}))
+    assert pairs.plan(config(splits, tmp_path / "out", jsonl=[str(records)])).ok
 
 
 def test_plan_checks_without_writing(corpus_artifact: Callable[..., Path], tmp_path: Path) -> None:

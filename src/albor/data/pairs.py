@@ -24,8 +24,11 @@ import json
 import re
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pyarrow as pa
+
+from albor.errors import ArtifactError
 
 # The pairs corpus: one row per pair. `meta` is the JSON object of a JSONL record's other keys
 # (null for mined pairs); `lineno` is the function's first line, or the record's line.
@@ -41,6 +44,9 @@ SCHEMA = pa.schema(
         ("meta", pa.string()),
     ]
 )
+
+# The columns a consumer of a pairs artifact reads (a split artifact's text files lack them).
+PAIR_COLUMNS = ("prompt", "completion")
 
 # Why a function, file or record gave no pair.
 NO_DOCSTRING = "no_docstring"
@@ -251,3 +257,39 @@ def parse_record(line: bytes) -> tuple[Record | None, str, str]:
     others = {k: v for k, v in obj.items() if k not in values}
     meta = json.dumps(others, sort_keys=True, ensure_ascii=False) if others else None
     return Record(values["prompt"], values["completion"], meta), "", ""
+
+
+def split_sizes(directory: Path, key: str) -> dict[str, int]:
+    """Pairs per split of a pairs artifact, from its manifest and the Parquet footers;
+    ArtifactError naming `key` (the config key that points at it) when it is not one. Only the
+    footers are read: finetune's and evaluate's plans call this."""
+    import pyarrow.parquet as pq
+
+    from albor.artifact import read_manifest
+    from albor.data.corpus import SPLITS
+
+    manifest = read_manifest(directory)
+    have = {o["path"] for o in manifest["outputs"]}
+    fix = f"point `{key}:` at the output of the pairs stage"
+    if "train.parquet" not in have:
+        raise ArtifactError(
+            f"{directory}: artifact of stage '{manifest['stage']}' holds no train.parquet ({fix})"
+        )
+    found: dict[str, int] = {}
+    for split in SPLITS:
+        path = directory / f"{split}.parquet"
+        if path.name not in have:
+            continue
+        try:
+            parquet = pq.ParquetFile(path)
+        except OSError as e:  # pyarrow's errors on a missing or damaged file are OSErrors
+            raise ArtifactError(f"{path}: unreadable pairs file: {e}") from e
+        if not set(PAIR_COLUMNS) <= set(parquet.schema_arrow.names):
+            # A split artifact has train.parquet too, of whole documents: training on it would
+            # fail at the first batch, after the base has loaded.
+            raise ArtifactError(
+                f"{path}: no prompt and completion columns: artifact of stage "
+                f"'{manifest['stage']}' is not a pairs artifact ({fix})"
+            )
+        found[split] = parquet.metadata.num_rows
+    return found

@@ -9,8 +9,9 @@ validation reports that loss on the val split (`val_loss`) and its bits per comp
 (`val_bpb`). Training is pretraining's loop (`train/run.py`): checkpoints hold the adapters,
 optimizer, RNG and data position, and a restarted run resumes exactly.
 
-The artifact: `adapter/` in peft's format (loads with `PeftModel.from_pretrained` on
-`AutoModelForCausalLM.from_pretrained(BASE)`), and the merged model at the root (config.json,
+The artifact: `adapter/` in peft's format with the base's tokenizer files (loads with
+`PeftModel.from_pretrained` on `AutoModelForCausalLM.from_pretrained(BASE)`, BASE the base
+directory or its `albor export` HF directory), and the merged model at the root (config.json,
 model.safetensors in the base's dtype, the tokenizer files), as pretrain writes a checkpoint.
 """
 
@@ -118,26 +119,9 @@ def read_base(directory: Path) -> Base:
 
 def read_pairs(directory: Path) -> dict[str, int]:
     """Pairs per split of a pairs artifact (from the Parquet footers)."""
-    import pyarrow.parquet as pq
+    from albor.data.pairs import split_sizes
 
-    from albor.artifact import read_manifest
-    from albor.data.corpus import SPLITS
-
-    manifest = read_manifest(directory)
-    have = {o["path"] for o in manifest["outputs"]}
-    if "train.parquet" not in have:
-        raise ArtifactError(
-            f"{directory}: artifact of stage '{manifest['stage']}' holds no train.parquet "
-            "(point `data:` at the output of the pairs stage)"
-        )
-    try:
-        return {
-            s: pq.ParquetFile(directory / f"{s}.parquet").metadata.num_rows
-            for s in SPLITS
-            if f"{s}.parquet" in have
-        }
-    except OSError as e:  # pyarrow's errors on a missing or damaged file are OSErrors
-        raise ArtifactError(f"{directory}: unreadable pairs file: {e}") from e
+    return split_sizes(directory, "data")
 
 
 def _run_problems(cfg: Config) -> list[str]:

@@ -19,6 +19,9 @@ reason. Files that do not parse, bad JSONL lines (with their line number) and dr
 also listed in rejected.parquet; functions that never made a pair (no docstring, a stub, nothing
 after the docstring) are only counted. Memory is bounded by the batch, plus 8 bytes per kept pair
 for the duplicate check.
+
+The plan mines the corpus's first 2 MB (all of a small one): a corpus with no documented
+function, or none within the limits, fails there, naming why.
 """
 
 from __future__ import annotations
@@ -73,6 +76,9 @@ REJECTED_SCHEMA = rejected_schema(
     ("detail", pa.string()),
     *CONTAMINATION_COLUMNS,
 )
+# Source text the plan mines to see that the corpus gives pairs at all (~0.3 s of `ast.parse`):
+# all of a small corpus, so one without a documented function fails at plan, not at apply.
+_SCAN_BYTES = 2_000_000
 # Share of a corpus's bytes that pairs hold (nested functions not counted twice): 0.42 on the
 # tests' stdlib sample, 0.29 over every .py file of a Python install; a rough guide for the
 # plan's disk estimate, not a promise.
@@ -151,6 +157,7 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
         p.estimates["documents"] = docs
         if all(isinstance(size.get(s), int) for s in SPLITS):
             disk += _PAIR_BYTES_SHARE * sum(size[s] for s in SPLITS)
+        _check_source(p, cfg, cfg.input)
     for i, path in enumerate(cfg.jsonl):
         if p.require(
             f"jsonl[{i}]",
@@ -168,6 +175,53 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
         f"{', '.join(s + '.parquet' for s in SPLITS)} and {REJECTED_FILE} to {cfg.output}"
     )
     return p
+
+
+def _check_source(p: Plan, cfg: Config, directory: Path) -> None:
+    """Mine the corpus's first `_SCAN_BYTES`: a corpus (all of it read) with no function that
+    gives a pair within the limits fails here, naming why, instead of after apply's full pass."""
+    docs = functions = found = fits = 0
+    rejected: Counter[str] = Counter()
+    scanned, complete = 0, True
+
+    def texts() -> Iterator[str]:
+        for split in SPLITS:
+            for batch in iter_batches(directory / f"{split}.parquet", ["text"], cfg.batch_rows):
+                yield from batch.column("text").to_pylist()
+
+    for text in texts():
+        if scanned >= _SCAN_BYTES:
+            complete = False
+            break
+        scanned += len(text)
+        docs += 1
+        mined = pairs.mine(text)
+        functions += mined.functions
+        rejected.update(mined.rejected)
+        found += len(mined.pairs)
+        limits = (cfg.max_prompt_chars, cfg.max_completion_chars, cfg.min_completion_lines)
+        fits += sum(
+            pairs.limit_reason(x.prompt, x.completion, *limits) is None for x in mined.pairs
+        )
+    read = f"{docs} documents" + ("" if complete else f" (the first {scanned / 1e6:.1f} MB)")
+    if fits:
+        p.add("pairs", "ok", f"{fits} pairs within the limits in {read}")
+        return
+    if found:
+        why = f"{found} pairs in {read}, none within the limits: loosen max_prompt_chars, "
+        why += "max_completion_chars or min_completion_lines"
+    else:
+        reasons = ", ".join(f"{k} {n}" for k, n in sorted(rejected.items())) or "none"
+        why = (
+            f"{directory}: {functions} functions in {read}, none with a docstring and a body "
+            f"after it (rejected: {reasons}); point `input:` at Python source with documented "
+            "functions"
+        )
+    if complete and not cfg.jsonl:
+        p.add("pairs", "fail", why)
+    else:
+        # Later documents, or the JSONL records, may still give pairs: apply finds out.
+        p.add("pairs", "warn", why)
 
 
 @dataclass(frozen=True)

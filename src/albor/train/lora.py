@@ -206,7 +206,8 @@ def describe(cfg: ModelConfig, spec: LoraSpec) -> dict[str, Any]:
 class AdapterCheckpointer:
     """A finetune's checkpoints: the adapters alone mid-run (with the optimizer, RNG and trainer
     state: `checkpoint.save(trainable_only=True)`); at the end, the artifact: `adapter/` in
-    peft's format, and the merged model in the base's dtype with the base's tokenizer files."""
+    peft's format and the merged model in the base's dtype, each with the base's tokenizer
+    files."""
 
     spec: LoraSpec
     base: Path
@@ -234,9 +235,13 @@ class AdapterCheckpointer:
         from albor.train.checkpoint import STATE_FILE
 
         del optimizer  # the artifact is the model; resuming reads checkpoints/
-        save_adapter(model, self.spec, directory / ADAPTER_DIR, str(self.base))
+        adapter = directory / ADAPTER_DIR
+        save_adapter(model, self.spec, adapter, str(self.base))
         plain = merged(model, torch_dtype(self.dtype))
         save_pretrained(plain, plain.cfg, directory, eos_token_id=self.eos_token_id)
+        # Both with the tokenizer: the adapter directory is what gets shared on its own (peft
+        # users load the tokenizer from it, as `PeftModel.save_pretrained` beside one leaves it).
         for f in self.tokenizer_files:
             shutil.copy2(f, directory / f.name)
+            shutil.copy2(f, adapter / f.name)
         atomic_write_json(directory / STATE_FILE, state)

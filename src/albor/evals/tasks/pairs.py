@@ -30,8 +30,6 @@ from albor.errors import ArtifactError, ConfigError, DataError
 from albor.evals.tasks import Models, Planning, Split
 from albor.stage import check_input
 
-PAIR_COLUMNS = ("prompt", "completion")
-
 
 class PairsTask(StageConfig):
     """Bits per byte of each body given its prompt, on one split of the `pairs` artifact."""
@@ -60,37 +58,10 @@ class PairsTask(StageConfig):
 
 
 def read_pairs(directory: Path) -> dict[str, int]:
-    """Pairs per split of a pairs artifact, from its manifest and the Parquet footers;
-    ArtifactError when it is not one."""
-    import pyarrow.parquet as pq
+    """Pairs per split of a pairs artifact; ArtifactError when it is not one."""
+    from albor.data.pairs import split_sizes
 
-    from albor.artifact import read_manifest
-    from albor.data.corpus import SPLITS
-
-    manifest = read_manifest(directory)
-    have = {o["path"] for o in manifest["outputs"]}
-    fix = "point `pairs:` at the output of the pairs stage"
-    found: dict[str, int] = {}
-    for split in SPLITS:
-        path = directory / f"{split}.parquet"
-        if path.name not in have:
-            continue
-        try:
-            parquet = pq.ParquetFile(path)
-        except OSError as e:  # pyarrow's errors on a missing or damaged file are OSErrors
-            raise ArtifactError(f"{path}: unreadable pairs file: {e}") from e
-        if not set(PAIR_COLUMNS) <= set(parquet.schema_arrow.names):
-            raise ArtifactError(
-                f"{path}: no prompt and completion columns: artifact of stage "
-                f"'{manifest['stage']}' is not a pairs artifact ({fix})"
-            )
-        found[split] = parquet.metadata.num_rows
-    if not found:
-        raise ArtifactError(
-            f"{directory}: artifact of stage '{manifest['stage']}' holds no "
-            f"{', '.join(s + '.parquet' for s in SPLITS)} ({fix})"
-        )
-    return found
+    return split_sizes(directory, "pairs")
 
 
 def plan(t: PairsTask, pl: Planning, name: str) -> dict[str, Any]:
