@@ -134,7 +134,13 @@ def test_a_student_checkpoint_starts_from_its_weights(
     )
     del cfg["model"]
     cfg["student"] = str(trained_model)
-    code, out, err = run(["distill", "apply", str(write(cfg, tmp_path / "d.yaml"))], capsys)
+    code, out, err = run(
+        ["distill", "plan", str(write(cfg, tmp_path / "d.yaml")), "--json"], capsys
+    )
+    assert code == 0, out + err
+    [arch] = [c for c in json.loads(out)["checks"] if c["name"] == "architecture"]
+    assert arch["detail"].startswith(f"student {trained_model}: ")  # not the preset's name
+    code, out, err = run(["distill", "apply", str(tmp_path / "d.yaml")], capsys)
     assert code == 0, out + err
     first = json.loads((tmp_path / "d" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["step"] == 1 and first["kl"] < 1e-6, first

@@ -285,7 +285,9 @@ def plan(cfg: Config, ctx: PlanContext | None = None) -> Plan:
     model = _student(cfg, p, ctx)
     if model is None:
         return p
-    setup = plan_run(p, cfg, model, cfg.data, ctx, verb="distill into", extra=extra)
+    # A student checkpoint is named by its directory, not by the preset it replaces.
+    name = f"student {cfg.student}" if cfg.student is not None else None
+    setup = plan_run(p, cfg, model, cfg.data, ctx, verb="distill into", extra=extra, name=name)
     if setup is not None:
         if index is not None:
             _check_offline_run(p, cfg, index, setup)

@@ -67,11 +67,12 @@ def plan_run(
     *,
     verb: str = "train",
     extra: Extra | None = None,
+    name: str | None = None,
 ) -> Setup | None:
     """The pre-flight of a run on token shards `data`, with its checks and estimates in `p` and
     what apply will do in `p.actions`; the resolved setup (None: the architecture or the device
-    is unusable, and `p` says why)."""
-    setup = preflight.check_run(p, cfg, model)
+    is unusable, and `p` says why). `name` labels the model (default: the preset's name)."""
+    setup = preflight.check_run(p, cfg, model, name=name)
     if setup is None:
         return None
     facts = data_facts(data, p, ctx)
