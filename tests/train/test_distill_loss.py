@@ -615,13 +615,15 @@ def test_the_online_teacher_rows_are_checked_as_they_come() -> None:
     assert broken.integrity()["max_row_mass"] is None  # NaN, which JSON cannot hold
 
 
-def test_the_kl_term_is_measured_for_the_metrics_lines() -> None:
+@pytest.mark.parametrize("alpha", [0.5, 0.0])
+def test_the_kl_term_is_measured_for_the_metrics_lines(alpha: float) -> None:
     """FALSIFY-ALBOR-004 in the run: the objective reports the mean KL per scored row since the
     last metrics line. Against a one-hot teacher at the next token (top-1, T = 1) the KL is the
-    student's cross-entropy, and reading it starts the next mean afresh."""
+    student's cross-entropy, and reading it starts the next mean afresh. At alpha = 0 the loss
+    leaves the KL out and it is measured apart."""
     student = tiny(4)
     windows = (torch.arange(17) + torch.tensor([[0], [100]])) % 512
-    objective = Distill(NextOf(512), temperature=1.0, alpha=0.5, top_k=1)
+    objective = Distill(NextOf(512), temperature=1.0, alpha=alpha, top_k=1)
     assert objective.log_metrics() == {}
     with torch.no_grad():
         objective.loss_sum(student, windows)
@@ -631,3 +633,44 @@ def test_the_kl_term_is_measured_for_the_metrics_lines() -> None:
     assert measured["kl"] >= 0
     assert measured["kl"] == pytest.approx(float(ce), rel=1e-5)
     assert objective.log_metrics() == {}
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=seeds,
+    n=row_counts,
+    vocab=vocabs,
+    frac=fractions,
+    T=temperatures,
+    alpha=alphas,
+    chunk=st.integers(1, 12),
+    dense=st.booleans(),
+)
+def test_the_kl_sink_holds_the_losses_own_kl_term(
+    seed: int, n: int, vocab: int, frac: float, T: float, alpha: float, chunk: int, dense: bool
+) -> None:
+    """The sink's chunks sum to the KL term the loss weighs (the loss at alpha = 1, over T^2),
+    read when the loss returns, whatever the chunking and the recompute in backward; a loss that
+    weighs the KL 0 leaves it empty (the term was not computed)."""
+    gen = torch.Generator().manual_seed(seed)
+    z = randn(gen, n, vocab, scale=3).requires_grad_()
+    t = randn(gen, n, vocab, scale=3)
+    ids, lp = topk_teacher(t, top(vocab, frac), T)
+    y = scored_targets(gen, n, vocab, masked=True)
+
+    def loss(a: float, sink: list[torch.Tensor] | None) -> torch.Tensor:
+        kw = dict(temperature=T, alpha=a, chunk_rows=chunk, kl_sink=sink)
+        if dense:
+            return dense_kd_loss_sum(z, t, y, **kw)[0]  # type: ignore[arg-type]
+        return kd_loss_sum(z, ids, lp, y, **kw)[0]  # type: ignore[arg-type]
+
+    sink: list[torch.Tensor] = []
+    total = loss(alpha, sink)
+    read = torch.stack(sink).sum() if sink else None
+    total.backward()  # chunks recomputed here append again: the read above is what counts
+    if alpha == 0:
+        assert read is None
+        return
+    assert read is not None and not read.requires_grad
+    expected = loss(1.0, None).detach() / T**2
+    torch.testing.assert_close(read, expected, rtol=1e-10, atol=1e-12)

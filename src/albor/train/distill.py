@@ -99,12 +99,17 @@ def _blend(
     targets: torch.Tensor,
     temperature: float,
     alpha: float,
+    kl_sink: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """alpha * T^2 * KL + (1 - alpha) * CE over the rows of `z`; a term weighted 0 is not computed
-    (its teacher arrays may then hold anything)."""
+    (its teacher arrays may then hold anything). The KL sum, when computed, is also appended to
+    `kl_sink`, detached."""
     loss = z.new_zeros(())
     if alpha > 0:
-        loss = loss + alpha * temperature**2 * kl()
+        value = kl()
+        if kl_sink is not None:
+            kl_sink.append(value.detach())
+        loss = loss + alpha * temperature**2 * value
     if alpha < 1:
         loss = loss + (1 - alpha) * F.cross_entropy(z, targets.long(), reduction="sum")
     return loss
@@ -169,6 +174,7 @@ def kd_loss_sum(
     alpha: float,
     ignore_index: int = -100,
     chunk_rows: int | None = None,
+    kl_sink: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Distillation loss against a teacher's top-k: (sum over scored rows, number of those rows).
 
@@ -185,6 +191,11 @@ def kd_loss_sum(
     Other rows add exactly zero to the loss and its gradient, whatever they hold. Computed in fp32
     whatever the input dtype (fp64 stays fp64). `chunk_rows` bounds the memory of the fp32
     softmaxes to that many rows at a time; the result is the same loss, summed chunk by chunk.
+
+    With `kl_sink` (and alpha > 0), each chunk's sum of KL(q || p_T), the term before its
+    weight alpha * T^2, is appended to it detached, so a caller logs the KL without computing it
+    again. A chunk recomputed under checkpointing appends again during backward: read the sink
+    when this returns.
     """
     _check(temperature, alpha, chunk_rows)
     if teacher_ids.shape != teacher_logprobs.shape:
@@ -198,7 +209,7 @@ def kd_loss_sum(
             log_p = F.log_softmax(z / temperature, dim=-1).gather(-1, ids.long())
             return _kl(F.log_softmax(lp.to(z.dtype), dim=-1), log_p)
 
-        return _blend(z, kl, y, temperature, alpha)
+        return _blend(z, kl, y, temperature, alpha, kl_sink)
 
     teacher = (teacher_ids, teacher_logprobs)
     return _chunked_sum(rows, student_logits, teacher, targets, ignore_index, chunk_rows)
@@ -213,10 +224,12 @@ def dense_kd_loss_sum(
     alpha: float,
     ignore_index: int = -100,
     chunk_rows: int | None = None,
+    kl_sink: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """`kd_loss_sum` against the teacher's full logits (..., V): q = softmax(teacher_logits / T)
-    over the whole vocabulary. The same alignment contract and masking; equal to `kd_loss_sum`
-    given `topk_teacher(teacher_logits, V, T)`. For online distillation of a small teacher."""
+    over the whole vocabulary. The same alignment contract, masking and `kl_sink`; equal to
+    `kd_loss_sum` given `topk_teacher(teacher_logits, V, T)`. For online distillation of a small
+    teacher."""
     _check(temperature, alpha, chunk_rows)
     if teacher_logits.shape != student_logits.shape:
         raise ValueError(
@@ -229,7 +242,7 @@ def dense_kd_loss_sum(
             log_q = F.log_softmax(t.to(z.dtype) / temperature, dim=-1)
             return _kl(log_q, F.log_softmax(z / temperature, dim=-1))
 
-        return _blend(z, kl, y, temperature, alpha)
+        return _blend(z, kl, y, temperature, alpha, kl_sink)
 
     return _chunked_sum(rows, student_logits, (teacher_logits,), targets, ignore_index, chunk_rows)
 
@@ -265,8 +278,9 @@ class RowStats:
 class KlMeter:
     """The mean KL(q || p_T) per scored row over the micro-batches since it was last read: the
     `kl` of metrics.jsonl, so that FALSIFY-ALBOR-004 (KL >= 0) is observed in the run itself. It
-    is measured without gradients on the student's logits of the step, so training is the same
-    with it; summed on the device, read (one sync) only when a metrics line is written."""
+    is the loss's own KL term, detached (measured apart only when alpha = 0 leaves it out of the
+    loss), so training is the same with it; summed on the device, read (one sync) only when a
+    metrics line is written."""
 
     total: torch.Tensor | None = None
     rows: int = 0
@@ -285,6 +299,8 @@ class KlMeter:
 
 def _measure_kl(
     meter: KlMeter,
+    sink: list[torch.Tensor],
+    rows: int,
     logits: torch.Tensor,
     teacher: tuple[torch.Tensor, ...],
     targets: torch.Tensor,
@@ -292,11 +308,16 @@ def _measure_kl(
     ignore_index: int,
     chunk_rows: int | None,
 ) -> None:
-    """Add the KL term of this micro-batch to `meter`: the loss at alpha = 1 is T^2 * KL."""
+    """Add the KL term of this micro-batch to `meter`: the loss's own (its `kl_sink`, over its
+    `rows` scored rows) where the loss computed it, else (alpha = 0) a pass without gradients
+    at alpha = 1, whose loss is T^2 * KL."""
+    if sink:
+        meter.add(torch.stack(sink).sum(), rows)
+        return
     with torch.no_grad():
         z = logits.detach()
         if len(teacher) == 2:
-            kl, rows = kd_loss_sum(
+            kl, scored = kd_loss_sum(
                 z,
                 *teacher,
                 targets,
@@ -306,7 +327,7 @@ def _measure_kl(
                 chunk_rows=chunk_rows,
             )
         else:
-            kl, rows = dense_kd_loss_sum(
+            kl, scored = dense_kd_loss_sum(
                 z,
                 teacher[0],
                 targets,
@@ -315,7 +336,7 @@ def _measure_kl(
                 ignore_index=ignore_index,
                 chunk_rows=chunk_rows,
             )
-    meter.add(kl / temperature**2, rows)
+    meter.add(kl / temperature**2, scored)
 
 
 @dataclass(frozen=True, eq=False)
@@ -379,8 +400,9 @@ class Distill:
                 "token id, so build the student with the teacher's tokenizer (vocab_size "
                 f"{teacher_vocab}) and tokenize the data with it"
             )
+        sink: list[torch.Tensor] = []
         if topk is None:
-            loss, _ = dense_kd_loss_sum(
+            loss, rows = dense_kd_loss_sum(
                 logits,
                 teacher_logits,
                 targets,
@@ -388,9 +410,10 @@ class Distill:
                 alpha=alpha,
                 ignore_index=ignore,
                 chunk_rows=chunk,
+                kl_sink=sink,
             )
         else:
-            loss, _ = kd_loss_sum(
+            loss, rows = kd_loss_sum(
                 logits,
                 *topk,
                 targets,
@@ -398,9 +421,10 @@ class Distill:
                 alpha=alpha,
                 ignore_index=ignore,
                 chunk_rows=chunk,
+                kl_sink=sink,
             )
         teacher = (teacher_logits,) if topk is None else topk
-        _measure_kl(self.kl, logits, teacher, targets, T, ignore, chunk)
+        _measure_kl(self.kl, sink, rows, logits, teacher, targets, T, ignore, chunk)
         return loss
 
 
@@ -548,7 +572,8 @@ class OfflineDistill:
     def loss_sum(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         inputs, targets, ids, logprobs = unpack_offline(batch)
         logits: torch.Tensor = model(inputs)  # no targets: GPT.forward returns the logits
-        loss, _ = kd_loss_sum(
+        sink: list[torch.Tensor] = []
+        loss, rows = kd_loss_sum(
             logits,
             ids,
             logprobs.float(),
@@ -556,7 +581,9 @@ class OfflineDistill:
             temperature=self.temperature,
             alpha=self.alpha,
             chunk_rows=self.chunk_rows,
+            kl_sink=sink,
         )
         teacher = (ids, logprobs.float())
-        _measure_kl(self.kl, logits, teacher, targets, self.temperature, -100, self.chunk_rows)
+        T, chunk = self.temperature, self.chunk_rows
+        _measure_kl(self.kl, sink, rows, logits, teacher, targets, T, -100, chunk)
         return loss
