@@ -674,3 +674,31 @@ def test_the_kl_sink_holds_the_losses_own_kl_term(
     assert read is not None and not read.requires_grad
     expected = loss(1.0, None).detach() / T**2
     torch.testing.assert_close(read, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [0.4, 0.0])
+@pytest.mark.parametrize("top_k", [4, None])
+def test_the_logged_kl_is_the_mean_kl_of_the_scored_rows(alpha: float, top_k: int | None) -> None:
+    """The `kl` of a metrics line, written out by hand: the mean over the scored rows of
+    KL(q || p_T), q the teacher's (top-k, renormalised) softmax at T, p_T the student's; masked
+    rows left out. The same whether the loss computed it (alpha > 0) or it was measured apart
+    (alpha = 0), at a temperature where T^2 != 1."""
+    teacher, student = tiny(1), tiny(2)
+    gen = torch.Generator().manual_seed(5)
+    inputs = torch.randint(0, 512, (2, 16), generator=gen)
+    targets = torch.randint(0, 512, (2, 16), generator=gen)
+    targets[0, :5] = -100
+    batch = torch.stack([inputs, targets], dim=1)  # (B, 2, T): inputs and masked targets
+    T = 2.0
+    objective = Distill(teacher, temperature=T, alpha=alpha, top_k=top_k, chunk_rows=7)
+    objective.loss_sum(student, batch)
+    with torch.no_grad():
+        log_q = F.log_softmax(teacher(inputs).double() / T, dim=-1)
+        log_p = F.log_softmax(student(inputs).double() / T, dim=-1)
+    if top_k is not None:
+        log_q, ids = log_q.topk(top_k, dim=-1)
+        log_q = F.log_softmax(log_q, dim=-1)
+        log_p = log_p.gather(-1, ids)
+    per_row = (log_q.exp() * (log_q - log_p)).sum(-1)
+    expected = float(per_row[targets != -100].mean())
+    assert objective.log_metrics()["kl"] == pytest.approx(expected, rel=1e-5)
