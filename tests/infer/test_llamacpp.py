@@ -16,7 +16,13 @@ from tokenizers import Tokenizer
 from albor.data.bpe import plain_text
 from albor.errors import ArtifactError, ConfigError
 from albor.infer.engine import generate
-from albor.infer.llamacpp import LlamaCppModel, pick_token
+from albor.infer.llamacpp import (
+    LlamaCppModel,
+    _model_params,
+    cpu_has_amx,
+    load_settings,
+    pick_token,
+)
 from albor.model.gguf import quantize_gguf, read_tensor_types, write_gguf
 from albor.model.gguf_layout import tensor_plan
 from albor.model.hf import load_config, load_pretrained
@@ -115,6 +121,45 @@ def test_f16_top1_and_logits_match_albor(
     for w, row in zip(windows[:4], theirs[:4], strict=True):  # the KV-cache path agrees
         np.testing.assert_allclose(f16.next_logits(w[:40]), row[39], atol=1e-4)
         np.testing.assert_allclose(f16.next_logits(w), row[-1], atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", FORMATS[1:])
+def test_each_quantized_format_runs_a_forward_pass(
+    fmt: str, ggufs: dict[str, Path], f16: LlamaCppModel, tok: Tokenizer
+) -> None:
+    """Quantized weights go through llama.cpp's matmul kernels of this CPU (on AMX CPUs, the
+    ones albor keeps them to): finite logits, mostly the F16 file's top-1."""
+    windows = _windows(tok, n=4)
+    with LlamaCppModel(ggufs[fmt], n_threads=1, logits_all=True) as m:
+        theirs = np.stack([m.logits(w) for w in windows])
+    assert np.isfinite(theirs).all()
+    full = np.stack([f16.logits(w) for w in windows])
+    agree = (theirs.argmax(-1) == full.argmax(-1)).mean()
+    assert agree >= (0.9 if fmt == "q8_0" else 0.5), agree
+
+
+def test_amx_cpus_load_without_extra_buffer_types(tmp_path: Path) -> None:
+    amx, plain = tmp_path / "amx", tmp_path / "plain"
+    amx.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_int8 amx_tile\n")
+    plain.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f\nbugs\t\t: amx_int8\n")
+    assert cpu_has_amx(amx) and not cpu_has_amx(plain)
+    assert not cpu_has_amx(tmp_path / "missing")
+    assert load_settings() == ({"use_extra_bufts": False} if cpu_has_amx() else {})
+
+    import llama_cpp
+
+    module = llama_cpp.llama_cpp
+    default = module.llama_model_default_params
+    known = {name for name, *_ in module.llama_model_params._fields_}
+    if "use_extra_bufts" not in known:
+        pytest.skip("this llama-cpp-python has no use_extra_bufts")
+    assert default().use_extra_bufts
+    with _model_params(llama_cpp, use_extra_bufts=False, not_a_field=1):
+        assert not module.llama_model_default_params().use_extra_bufts
+    assert module.llama_model_default_params is default  # restored
+    with pytest.raises(RuntimeError), _model_params(llama_cpp, use_extra_bufts=False):
+        raise RuntimeError("a failed load")
+    assert module.llama_model_default_params is default
 
 
 def test_generation_matches_albor_engine(

@@ -19,11 +19,13 @@ instance is not thread-safe: callers serialise access.
 from __future__ import annotations
 
 import ctypes
+import threading
 import weakref
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import numpy as np
 
@@ -91,6 +93,60 @@ def pick_token(
     return int(rng.choice(p.shape[-1], p=p))
 
 
+def cpu_has_amx(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether the CPU has Intel AMX (Sapphire Rapids and later), from its Linux `flags` line;
+    False where that cannot be read."""
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return "amx_int8" in line.split(":", 1)[-1].split()
+    return False
+
+
+_PARAMS_LOCK = threading.Lock()
+
+
+@contextmanager
+def _model_params(llama_cpp: Any, **fields: Any) -> Iterator[None]:
+    """Inside the block, `llama_cpp.Llama(...)` loads with these `llama_model_params` fields set
+    (the ones its constructor has no argument for); fields this llama-cpp-python lacks are
+    skipped. Its constructor starts from `llama_model_default_params()`, wrapped here for the
+    block, under a lock so that concurrent loads do not see each other's wrapper."""
+    module = llama_cpp.llama_cpp
+    known = {name for name, *_ in module.llama_model_params._fields_}
+    fields = {k: v for k, v in fields.items() if k in known}
+    if not fields:
+        yield
+        return
+    with _PARAMS_LOCK:
+        default = module.llama_model_default_params
+
+        def params() -> Any:
+            p = default()
+            for key, value in fields.items():
+                setattr(p, key, value)
+            return p
+
+        module.llama_model_default_params = params
+        try:
+            yield
+        finally:
+            module.llama_model_default_params = default
+
+
+def load_settings() -> dict[str, Any]:
+    """The `llama_model_params` albor sets on this machine: on CPUs with AMX, no extra buffer
+    types, so that quantized weights stay in the plain CPU buffers. llama.cpp's AMX buffer
+    type crashes the process (SIGSEGV in `ggml_backend_amx_mul_mat`, llama.cpp issue 20824,
+    seen with llama-cpp-python 0.3.36 on Q8_0 and Q4_K_M) at the first decode; without it the
+    CPU's AVX-512 kernels run the same types. Elsewhere nothing changes (CPU weight repacking,
+    where llama.cpp has one for the CPU, stays on)."""
+    return {"use_extra_bufts": False} if cpu_has_amx() else {}
+
+
 class LlamaCppModel:
     """A GGUF file loaded in llama.cpp.
 
@@ -118,7 +174,7 @@ class LlamaCppModel:
         self.logits_all = logits_all
         try:
             # llama.cpp reports on stderr even when asked not to (e.g. a context rounded up).
-            with quiet_native_stderr():
+            with quiet_native_stderr(), _model_params(llama_cpp, **load_settings()):
                 self._llm = llama_cpp.Llama(
                     model_path=str(self.path),
                     n_ctx=n_ctx or 0,

@@ -222,7 +222,7 @@ def _estimate_time(
     p: Plan, cfg: Config, facts: TeacherFacts, device: str, precision: str, positions: int
 ) -> None:
     from albor.train import hardware
-    from albor.train.estimates import ASSUMED_MFU, format_duration
+    from albor.train.estimates import ASSUMED_MFU, estimated_seconds, format_duration
 
     flops = facts.forward_flops_per_token(cfg.seq_len) * positions
     p.estimates["teacher_flops"] = float(flops)
@@ -231,7 +231,7 @@ def _estimate_time(
         return
     peak = hardware.cpu_peak_flops(cfg.threads or os.cpu_count() or 1, precision)
     wall = flops / (peak * ASSUMED_MFU)
-    p.estimates["wall_time_s"] = round(wall, 1)
+    p.estimates["wall_time_s"] = estimated_seconds(wall)
     p.estimates["wall_time"] = format_duration(wall)
     p.add(
         "wall time",

@@ -128,6 +128,11 @@ def memory(settings: TrainSettings, s: Setup, held: Trained, extra: Extra | None
     return found
 
 
+def estimated_seconds(seconds: float) -> float:
+    """An estimate in seconds to three significant figures: a tiny run's is small, not 0.0."""
+    return float(f"{seconds:.3g}")
+
+
 def format_duration(seconds: float) -> str:
     for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
         if seconds >= size:
@@ -237,7 +242,7 @@ def _cpu_time(p: Plan, settings: TrainSettings, precision: str, work: float) -> 
     peak = hardware.cpu_peak_flops(threads, precision)
     p.estimates["device_peak_gflops"] = round(peak / 1e9, 1)
     wall = work / (peak * ASSUMED_MFU)
-    p.estimates["wall_time_s"] = round(wall, 1)
+    p.estimates["wall_time_s"] = estimated_seconds(wall)
     p.estimates["wall_time"] = format_duration(wall)
     p.warn_if(
         "wall time",
@@ -263,7 +268,7 @@ def _target_time(
     p.estimates["target"] = f"{world} x {name}"
     p.estimates["device_peak_tflops"] = round(peak / 1e12, 1)
     p.estimates["mfu"] = {"value": mfu, "basis": basis}
-    p.estimates["wall_time_s"] = round(wall, 1)
+    p.estimates["wall_time_s"] = estimated_seconds(wall)
     p.estimates["wall_time"] = format_duration(wall)
     p.add(
         "wall time",
