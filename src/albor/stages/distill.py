@@ -110,29 +110,35 @@ class Config(TrainSettings, ModelSettings, TokenDataInput, OutputConfig):
         return self
 
 
+def _checkpoint(
+    cfg: Config, p: Plan, ctx: PlanContext, role: str, path: Path | None, use: str, check: str
+) -> TeacherFacts | None:
+    """The checkpoint the run's `role` (teacher, student) starts from: read, named with its size
+    and `use`, its tokenizer compared to the data's (plan check `check`); None when pending or
+    unusable (the plan says why)."""
+    from albor.train.teacher import check_tokenizer, read_teacher
+
+    def read(directory: Path) -> TeacherFacts:
+        return read_teacher(directory, role=role)
+
+    facts = check_input(p, ctx, role, path, read, "a checkpoint directory")
+    if facts is None:
+        return None
+    p.add(role, "ok", f"{path}: {format_count(facts.parameters)} parameters, {use}")
+    if cfg.data is not None and not ctx.is_pending("data") and cfg.data.is_dir():
+        check_tokenizer(p, facts.directory, cfg.data, role=role, check=check)
+    return facts  # a data that is missing or pending: its own check reports it
+
+
 def _student(cfg: Config, p: Plan, ctx: PlanContext) -> Config | None:
     """The run's model settings with the student checkpoint's architecture (the config itself
     when the student is a preset); None when the checkpoint is pending or unusable (the plan
     says why)."""
-    from albor.train.teacher import check_tokenizer, read_teacher
-
     if cfg.student is None:
         return cfg
-
-    def read(path: Path) -> TeacherFacts:
-        return read_teacher(path, role="student")
-
-    facts = check_input(p, ctx, "student", cfg.student, read, "a checkpoint directory")
-    if facts is None:
-        return None
-    p.add(
-        "student",
-        "ok",
-        f"{cfg.student}: {format_count(facts.parameters)} parameters, trained from its weights",
-    )
-    if cfg.data is not None and not ctx.is_pending("data") and cfg.data.is_dir():
-        check_tokenizer(p, facts.directory, cfg.data, role="student", check="student tokenizer")
-    return with_architecture(cfg, facts.config)
+    use = "trained from its weights"
+    facts = _checkpoint(cfg, p, ctx, "student", cfg.student, use, "student tokenizer")
+    return None if facts is None else with_architecture(cfg, facts.config)
 
 
 def with_architecture(cfg: Config, model: ModelConfig) -> Config:
@@ -144,18 +150,9 @@ def with_architecture(cfg: Config, model: ModelConfig) -> Config:
 def _teacher(cfg: Config, p: Plan, ctx: PlanContext) -> TeacherFacts | None:
     """The teacher's facts, with its tokenizer compared to the data's; None when pending or
     unusable (the plan says why)."""
-    from albor.train.teacher import check_tokenizer, read_teacher
-
-    facts = check_input(p, ctx, "teacher", cfg.teacher, read_teacher, "a checkpoint directory")
-    if facts is None:
-        return None
-    p.add(
-        "teacher",
-        "ok",
-        f"{cfg.teacher}: {format_count(facts.parameters)} parameters, forward only "
-        f"(T={cfg.temperature:g}, alpha={cfg.alpha:g}, top_k={cfg.top_k})",
-    )
-    if cfg.top_k is not None:
+    use = f"forward only (T={cfg.temperature:g}, alpha={cfg.alpha:g}, top_k={cfg.top_k})"
+    facts = _checkpoint(cfg, p, ctx, "teacher", cfg.teacher, use, "tokenizer")
+    if facts is not None and cfg.top_k is not None:
         p.require(
             "top_k",
             cfg.top_k <= facts.config.vocab_size,
@@ -163,9 +160,6 @@ def _teacher(cfg: Config, p: Plan, ctx: PlanContext) -> TeacherFacts | None:
             f"top_k {cfg.top_k} exceeds the vocabulary ({facts.config.vocab_size}): lower it, "
             "or set top_k: null for the whole vocabulary",
         )
-    if cfg.data is None or ctx.is_pending("data") or not cfg.data.is_dir():
-        return facts  # the data's own check reports it
-    check_tokenizer(p, facts.directory, cfg.data)
     return facts
 
 
