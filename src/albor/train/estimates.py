@@ -129,8 +129,10 @@ def memory(settings: TrainSettings, s: Setup, held: Trained, extra: Extra | None
 
 
 def estimated_seconds(seconds: float) -> float:
-    """An estimate in seconds to three significant figures: a tiny run's is small, not 0.0."""
-    return float(f"{seconds:.3g}")
+    """An estimate in seconds to a tenth of a second, and to two significant figures below
+    0.05 s: a tiny run's is small, not 0.0."""
+    tenths = round(seconds, 1)
+    return tenths if tenths or not seconds else float(f"{seconds:.2g}")
 
 
 def format_duration(seconds: float) -> str:
