@@ -76,13 +76,20 @@ def topk_teacher(
             f"top-k of {k} from a vocabulary of {vocab:,} tokens: k must be between 1 and {vocab}"
         )
     with torch.no_grad():
-        scaled = logits.detach().to(_compute_dtype(logits.dtype)) / temperature
-        # Shifted so the largest is 0: the likely tokens' log-probabilities are then differences
-        # of small numbers, and their probabilities sum to 1 within a few fp32 ulps rather than
-        # within ulps of the logits' magnitude.
-        shifted = scaled - scaled.amax(dim=-1, keepdim=True)
-        values, ids = shifted.topk(k, dim=-1, largest=True, sorted=True)
-        logprobs = values - shifted.exp().sum(dim=-1, keepdim=True).log()
+        # The order of the logits is that of logits / T (T > 0): the top k come from the input
+        # as it is, and the top-1 is the row's max. Shifted so the largest is 0, the likely
+        # tokens' log-probabilities are differences of small numbers and their probabilities
+        # sum to 1 within a few fp32 ulps rather than within ulps of the logits' magnitude.
+        # Four passes over the row: top-k, the shift (which also casts to fp32), exp, sum.
+        logits = logits.detach()
+        dtype = _compute_dtype(logits.dtype)
+        values, ids = logits.topk(k, dim=-1, largest=True, sorted=True)
+        top = values[..., :1].to(dtype)
+        shifted = torch.sub(logits, top)  # in `dtype`: a bf16 row is promoted as it is read
+        if temperature != 1:
+            shifted.div_(temperature)
+        log_total = shifted.exp_().sum(dim=-1, keepdim=True).log()
+        logprobs = (values.to(dtype) - top) / temperature - log_total
     return ids, logprobs
 
 
