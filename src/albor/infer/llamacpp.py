@@ -19,6 +19,7 @@ instance is not thread-safe: callers serialise access.
 from __future__ import annotations
 
 import ctypes
+import functools
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
@@ -93,9 +94,10 @@ def pick_token(
     return int(rng.choice(p.shape[-1], p=p))
 
 
+@functools.cache
 def cpu_has_amx(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """Whether the CPU has Intel AMX (Sapphire Rapids and later), from its Linux `flags` line;
-    False where that cannot be read."""
+    False where that cannot be read. Read once per file: every GGUF load asks."""
     try:
         text = cpuinfo.read_text(errors="replace")
     except OSError:
